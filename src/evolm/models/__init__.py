@@ -1,0 +1,1 @@
+"""Model definitions: configs, the decoder-only transformer, families and checkpoint interop."""

@@ -1,0 +1,1 @@
+"""Shared building blocks: the hard, well-tested parts every model family composes."""

@@ -1,0 +1,151 @@
+"""The one attention entry point: scaled dot-product attention (Vaswani et al., 2017) over a
+described mask and bias, dispatched to a backend.
+
+Notation: B batch, H query heads, K key/value heads (K divides H: MHA K=H, GQA 1<K<H, MQA K=1;
+Ainslie et al., 2023; Shazeer, 2019), T queries, S keys, D head width.
+
+Families never call SDPA themselves; they describe what each query may see (``AttentionMask``) and
+what is added to or done with the scores (ALiBi slopes, a relative-position bias, a tanh soft-cap),
+and ``attend`` chooses how to compute it. Today the backends are PyTorch SDPA (fast path) and a
+plain matmul-softmax path for score transforms SDPA cannot express (soft-capping).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class AttentionMask:
+    """Which keys each query may attend to.
+
+    Queries and keys are identified by their *slot index*: the position in the sequence as
+    stored (including any left padding). A key is visible when every rule holds:
+
+    * causal: ``k_index <= q_index``;
+    * window (Mistral's sliding window; Beltagy et al., 2020): ``q_index - k_index < window``;
+    * key_valid: the key is a real token, not padding or an unwritten cache slot;
+    * documents: ``q_doc == k_doc`` (packed sequences that must not see each other; Llama 3).
+
+    Attributes:
+        q_index: (T,) slot indices of the queries.
+        k_index: (S,) slot indices of the keys.
+        causal: Apply the causal rule (False: bidirectional, as in BERT).
+        window: Sliding-window width, or None.
+        key_valid: (B, S) bool, or None for all valid.
+        q_doc: (B, T) document ids of queries, or None.
+        k_doc: (B, S) document ids of keys, or None.
+    """
+
+    q_index: torch.Tensor
+    k_index: torch.Tensor
+    causal: bool = True
+    window: int | None = None
+    key_valid: torch.Tensor | None = None
+    q_doc: torch.Tensor | None = None
+    k_doc: torch.Tensor | None = None
+
+    def with_window(self, window: int | None) -> AttentionMask:
+        """The same mask with another sliding window (per-layer windows, e.g. Gemma 2)."""
+        return self if window == self.window else dataclasses.replace(self, window=window)
+
+    def is_plain_causal(self) -> bool:
+        """True when the mask is exactly "causal over aligned, all-valid slots"."""
+        return (
+            self.causal
+            and self.window is None
+            and self.key_valid is None
+            and self.q_doc is None
+            and self.q_index.shape[0] == self.k_index.shape[0]
+        )
+
+    def dense(self) -> torch.Tensor | None:
+        """The boolean visibility matrix, (B or 1, 1, T, S), or None when everything is visible."""
+        qi, ki = self.q_index[:, None], self.k_index[None, :]  # (T, 1), (1, S)
+        allowed = None
+        if self.causal:
+            allowed = ki <= qi
+        if self.window is not None:
+            w = (qi - ki) < self.window
+            allowed = w if allowed is None else allowed & w
+        if allowed is not None:
+            allowed = allowed[None, None]  # (1, 1, T, S)
+        if self.key_valid is not None:
+            kv = self.key_valid[:, None, None, :]  # (B, 1, 1, S)
+            allowed = kv if allowed is None else allowed & kv
+        if self.q_doc is not None:
+            same = self.q_doc[:, None, :, None] == self.k_doc[:, None, None, :]  # (B, 1, T, S)
+            allowed = same if allowed is None else allowed & same
+        if allowed is None:
+            return None
+        # A query that may see nothing (a left-padding slot) would give NaN; let it see everything.
+        # Its output is padding and is never read.
+        return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+def alibi_bias(slopes: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """ALiBi's linear distance penalty (Press et al., 2021): ``slope_h * (k - q)``, (1, H, T, S)."""
+    dist = (mask.k_index[None, :] - mask.q_index[:, None]).float()  # (T, S)
+    return slopes.float()[None, :, None, None] * dist[None, None]
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: AttentionMask,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of ``q`` over ``k``/``v`` under ``mask``.
+
+    Args:
+        q: (B, H, T, D).
+        k: (B, K, S, D) with K dividing H.
+        v: (B, K, S, Dv).
+        mask: Which keys each query may see.
+        scale: Multiplier on q·k; default ``D ** -0.5``.
+        softcap: Gemma 2's logit soft-cap: scores become ``c * tanh(scores / c)``.
+        alibi_slopes: (H,) ALiBi slopes, or None.
+        bias: Additive score bias broadcastable to (B, H, T, S) (e.g. T5 relative buckets).
+
+    Returns:
+        (B, H, T, Dv) in the dtype of ``q``.
+    """
+    n_heads, n_kv = q.shape[1], k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if alibi_slopes is not None:
+        ab = alibi_bias(alibi_slopes, mask)
+        bias = ab if bias is None else bias + ab
+
+    if softcap is None:
+        if bias is None and mask.is_plain_causal():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=n_kv != n_heads)
+        allowed = mask.dense()
+        attn_mask = allowed
+        if bias is not None:
+            attn_mask = bias.to(q.dtype)
+            if allowed is not None:
+                attn_mask = attn_mask.masked_fill(~allowed, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=n_kv != n_heads)
+
+    # Score transforms SDPA cannot express: explicit matmul, softmax in float32.
+    if n_kv != n_heads:
+        k = k.repeat_interleave(n_heads // n_kv, dim=1)  # (B, H, S, D)
+        v = v.repeat_interleave(n_heads // n_kv, dim=1)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, T, S)
+    scores = torch.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores + bias
+    allowed = mask.dense()
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)
