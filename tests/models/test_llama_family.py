@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import transformers as T
+
 from helpers.hf_parity import assert_cached_equals_full, assert_parity
 
 SMALL = dict(

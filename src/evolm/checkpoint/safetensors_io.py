@@ -28,9 +28,9 @@ def pickle_refusal(path: Path) -> CheckpointError:
     return CheckpointError(
         f"{path} is a pickle-based checkpoint; evolm loads only safetensors because unpickling can run "
         "arbitrary code. Convert it once, in an environment you trust, with transformers: "
-        "`python -c \"from transformers import AutoModelForCausalLM as M; "
+        '`python -c "from transformers import AutoModelForCausalLM as M; '
         f"M.from_pretrained('{path.parent if path.is_file() else path}').save_pretrained('OUT_DIR', "
-        "safe_serialization=True)\"`, then load OUT_DIR."
+        'safe_serialization=True)"`, then load OUT_DIR.'
     )
 
 

@@ -92,9 +92,7 @@ class DecoderConfig:
             raise ConfigError(f"sliding_window={self.sliding_window}; must be > 0 or None")
         if self.layer_types:
             if len(self.layer_types) != self.n_layers:
-                raise ConfigError(
-                    f"layer_types has {len(self.layer_types)} entries; expected n_layers={self.n_layers}"
-                )
+                raise ConfigError(f"layer_types has {len(self.layer_types)} entries; expected n_layers={self.n_layers}")
             bad = sorted(set(self.layer_types) - {"full", "sliding"})
             if bad:
                 raise ConfigError(f"layer_types contains {bad}; allowed: 'full', 'sliding'")

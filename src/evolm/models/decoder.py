@@ -200,9 +200,7 @@ class CausalLM(nn.Module):
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def new_cache(
-        self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
-    ) -> list[KVCache]:
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[KVCache]:
         """Empty per-layer KV caches for ``batch_size`` sequences of up to ``max_len`` tokens."""
         a = self.cfg.attention
         p = self.lm_head.weight

@@ -10,7 +10,14 @@ from evolm.nn.rope import RopeConfig, RopeScaling
 # Fields copied verbatim between HF configs and ``DecoderConfig.extra`` so a save keeps them.
 PASSTHROUGH = ("bos_token_id", "eos_token_id", "pad_token_id", "initializer_range")
 
-_SCALING_TYPES = {"linear": "linear", "dynamic": "dynamic", "llama3": "llama3", "yarn": "yarn", "longrope": "longrope", "su": "longrope"}
+_SCALING_TYPES = {
+    "linear": "linear",
+    "dynamic": "dynamic",
+    "llama3": "llama3",
+    "yarn": "yarn",
+    "longrope": "longrope",
+    "su": "longrope",
+}
 
 
 def need(hf: dict, *names: str) -> Any:

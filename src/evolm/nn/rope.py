@@ -80,7 +80,9 @@ def _base_inv_freq(theta: float, dim: int, device: torch.device | None) -> torch
     return 1.0 / (theta**exponents)
 
 
-def inverse_frequencies(cfg: RopeConfig, seq_len: int, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
+def inverse_frequencies(
+    cfg: RopeConfig, seq_len: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, float]:
     """Per-pair angular frequencies and the cos/sin temperature for a given context length.
 
     Args:

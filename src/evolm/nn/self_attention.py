@@ -65,9 +65,7 @@ class AttentionConfig:
                 "all must be > 0"
             )
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(
-                f"attention n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
-            )
+            raise ConfigError(f"attention n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.position not in ("rope", "alibi", "none"):
             raise ConfigError(f"attention.position={self.position!r}; allowed: 'rope', 'alibi', 'none'")
         if self.position == "rope" and self.rope is None:

@@ -147,6 +147,8 @@ def _config_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
 
 
 FAMILIES = {
-    mt: Family(name=mt, model_types=(mt,), architecture=arch, config_from_hf=_config_from_hf, config_to_hf=_config_to_hf)
+    mt: Family(
+        name=mt, model_types=(mt,), architecture=arch, config_from_hf=_config_from_hf, config_to_hf=_config_to_hf
+    )
     for mt, arch in _ARCH.items()
 }

@@ -1,0 +1,1 @@
+"""The ``evolm`` command line."""

@@ -1,0 +1,36 @@
+"""``evolm``: one entry point with nested verbs (``evolm info MODEL``, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from evolm.cli import info
+from evolm.errors import EvolmError
+
+VERBS = {"info": info}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evolm", description="Build, load, train, evaluate and serve language models."
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name, module in VERBS.items():
+        module.add_parser(sub)
+        del name
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except EvolmError as e:
+        print(f"evolm {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
