@@ -11,7 +11,9 @@ Public API::
 from __future__ import annotations
 
 from evolm.errors import CheckpointError, ConfigError, EvolmError, UnsupportedModelError
+from evolm.models.build import build_model
 from evolm.models.loading import load_config, load_model, save_model
+from evolm.models.presets import preset, preset_names
 from evolm.tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
@@ -22,8 +24,11 @@ __all__ = [
     "EvolmError",
     "Tokenizer",
     "UnsupportedModelError",
+    "build_model",
     "load_config",
     "load_model",
     "load_tokenizer",
+    "preset",
+    "preset_names",
     "save_model",
 ]
