@@ -111,7 +111,8 @@ class DecoderBackbone(nn.Module):
 
         Args:
             input_ids: (B, T) token ids; exactly one of ``input_ids``/``inputs_embeds``.
-            inputs_embeds: (B, T, C) embeddings fed instead of tokens (vision projectors, soft prompts).
+            inputs_embeds: (B, T, C) embeddings fed instead of tokens (vision projectors, soft prompts);
+                used as given (no ``embedding_scale``), as transformers does.
             position_ids: (B, T) or (T,) positions for RoPE / learned positions; default
                 ``cached + arange(T)``.
             attention_mask: (B, S) with 1 for real tokens and 0 for padding, S = cached + T.
@@ -129,6 +130,8 @@ class DecoderBackbone(nn.Module):
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be (batch, tokens); got shape {tuple(input_ids.shape)}")
             x = self.embed_tokens(input_ids)  # (B, T, C)
+            if cfg.embedding_scale is not None:  # Gemma; given embeddings are taken as already scaled
+                x = x * torch.tensor(cfg.embedding_scale, dtype=x.dtype)
         else:
             x = inputs_embeds
         b, t, _ = x.shape
@@ -147,8 +150,6 @@ class DecoderBackbone(nn.Module):
         elif position_ids.dim() == 1:
             position_ids = position_ids[None].expand(b, t)
 
-        if cfg.embedding_scale is not None:
-            x = x * torch.tensor(cfg.embedding_scale, dtype=x.dtype)
         if cfg.absolute_positions == "learned":
             x = x + self.embed_positions(position_ids)
         elif cfg.absolute_positions == "sinusoidal":

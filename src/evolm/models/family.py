@@ -73,6 +73,11 @@ _MODULES: dict[str, str] = {
     "gpt_neox": "gpt_neox",
     "phi3": "phi3",
     "bloom": "bloom",
+    "starcoder2": "starcoder2",
+    "phi": "phi",
+    "stablelm": "stablelm",
+    "gptj": "gptj",
+    "codegen": "gptj",
 }
 
 

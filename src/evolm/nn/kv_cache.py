@@ -53,8 +53,18 @@ class KVCache:
         Returns:
             ``(keys, values, k_index)``: (B, K, L, D), (B, K, L, Dv) and (L,) slot indices,
             L = length after the update.
+
+        Raises:
+            ValueError: ``k``/``v`` do not match the cache's batch, heads or widths, or the cache would
+                overflow; the cache is left unchanged.
         """
         start, t = self.length, k.shape[2]
+        b, n_kv, _, d = self.k.shape
+        if k.shape != (b, n_kv, t, d) or v.shape != (b, n_kv, t, self.v.shape[3]):
+            raise ValueError(
+                f"KV cache update: keys {tuple(k.shape)} / values {tuple(v.shape)} do not fit a cache of "
+                f"(batch, kv_heads, slots, head_dim) = {tuple(self.k.shape)} / {tuple(self.v.shape)}"
+            )
         if start + t > self.max_len:
             raise ValueError(
                 f"KV cache overflow: {start} cached + {t} new tokens > max_len={self.max_len}; "

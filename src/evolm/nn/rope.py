@@ -200,14 +200,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     Args:
         x: (B, H, T, D) queries or keys.
-        cos: (B, T, R) with R <= D even.
+        cos: (B, T, R) with R <= D even; cast to the dtype of ``x`` (as transformers does).
         sin: (B, T, R).
 
     Returns:
         (B, H, T, D), same dtype as ``x``.
     """
     r = cos.shape[-1]
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, R): broadcast over heads
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, R): broadcast over heads
     if r == x.shape[-1]:
         return x * cos + _rotate_half(x) * sin
     x_rot, x_pass = x[..., :r], x[..., r:]

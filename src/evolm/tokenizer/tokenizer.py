@@ -13,7 +13,7 @@ from pathlib import Path
 import tokenizers
 from torch import nn
 
-from evolm.errors import CheckpointError
+from evolm.errors import CheckpointError, ConfigError
 
 
 @dataclass
@@ -60,6 +60,53 @@ class Tokenizer:
         """Text of ``ids``."""
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def special_tokens(self) -> dict[str, str | None]:
+        """The ``bos_token`` / ``eos_token`` / ``pad_token`` strings, as chat templates expect them."""
+
+        def tok(i: int | None) -> str | None:
+            return self.backend.id_to_token(i) if i is not None else None
+
+        return {
+            "bos_token": tok(self.bos_token_id),
+            "eos_token": tok(self.eos_token_id),
+            "pad_token": tok(self.pad_token_id),
+        }
+
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = False,
+        tokenize: bool = True,
+        **kwargs,
+    ) -> list[int] | str:
+        """Render a conversation with the model's chat template (as transformers does).
+
+        Args:
+            messages: ``[{"role": ..., "content": ...}, ...]``.
+            add_generation_prompt: End with the header of the assistant's turn.
+            tokenize: Return token ids (the template supplies special tokens, so none are added);
+                False returns the text.
+            **kwargs: Extra template variables (``tools``, ``enable_thinking``, ...).
+        """
+        from evolm.tokenizer.chat_template import render_chat
+
+        if not self.chat_template:
+            raise ConfigError(
+                f"tokenizer {self.source} has no chat template; format the prompt yourself or use a chat model"
+            )
+        text = render_chat(
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            special_tokens=self.special_tokens(),
+            **kwargs,
+        )
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
+        """An incremental detokenizer: feed ids one at a time, get text that never splits a character."""
+        return StreamDecoder(self, skip_special_tokens)
+
     def token_to_id(self, token: str) -> int | None:
         """Id of a token string, or None."""
         return self.backend.token_to_id(token)
@@ -74,6 +121,24 @@ class Tokenizer:
                 "ids >= the model's vocab would index past its embedding; use the tokenizer that belongs "
                 "to this model"
             )
+
+
+class StreamDecoder:
+    """Incremental detokenization over ``tokenizers.decoders.DecodeStream``.
+
+    ``step(id)`` returns the new text the id completes, or ``""`` while the bytes so far end in the
+    middle of a UTF-8 character (byte-level BPE and byte-fallback tokens split characters).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+        from tokenizers.decoders import DecodeStream
+
+        self._backend = tokenizer.backend
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+
+    def step(self, token_id: int) -> str:
+        """Text completed by ``token_id``."""
+        return self._stream.step(self._backend, int(token_id)) or ""
 
 
 def _special_id(backend: tokenizers.Tokenizer, value: object) -> int | None:

@@ -1,0 +1,207 @@
+"""Autoregressive generation over an explicit KV cache (the structure of gpt-fast).
+
+``prefill`` runs the prompt through the model once, filling the per-layer caches;
+``decode_one_token`` extends them by one token; ``generate`` / ``generate_stream`` loop the two
+with sampling, EOS ids, stop strings and left-padded batches.
+
+Left padding: rows of a batch are right-aligned; ``attention_mask`` marks real tokens with 1.
+Positions count real tokens only (``cumsum(mask) - 1``), as Hugging Face's ``generate`` does, so a
+padded row computes exactly what it would alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from evolm.errors import ConfigError
+from evolm.infer.sampling import SamplingConfig, sample_next
+
+
+def prefill(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    cache: list,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Run the prompt; returns the last position's logits (B, V)."""
+    return model(input_ids, position_ids=position_ids, attention_mask=attention_mask, cache=cache)[:, -1]
+
+
+def decode_one_token(
+    model: nn.Module,
+    token: torch.Tensor,
+    cache: list,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+) -> torch.Tensor:
+    """One step: ``token`` (B, 1) at ``position_ids`` (B, 1) -> next-token logits (B, V)."""
+    return model(token, position_ids=position_ids, attention_mask=attention_mask, cache=cache)[:, -1]
+
+
+def _as_id_list(eos_token_id: int | Sequence[int] | None) -> list[int]:
+    if eos_token_id is None:
+        return []
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(i) for i in eos_token_id]
+
+
+def _validate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, attention_mask) -> None:
+    cfg = model.cfg
+    if (
+        not isinstance(input_ids, torch.Tensor)
+        or input_ids.dim() != 2
+        or input_ids.dtype not in (torch.long, torch.int)
+    ):
+        raise ConfigError("input_ids must be an integer tensor of shape (batch, tokens)")
+    if input_ids.shape[1] == 0:
+        raise ConfigError("empty prompt: input_ids has 0 tokens; give at least one token (e.g. BOS)")
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ConfigError(f"max_new_tokens={max_new_tokens}; must be a positive integer")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= cfg.vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ConfigError(f"token id {bad} is out of the vocabulary; allowed ids are 0..{cfg.vocab_size - 1}")
+    total = input_ids.shape[1] + max_new_tokens
+    if input_ids.shape[1] > cfg.max_seq_len:
+        raise ConfigError(f"prompt of {input_ids.shape[1]} tokens is longer than the context length {cfg.max_seq_len}")
+    if total > cfg.max_seq_len:
+        raise ConfigError(
+            f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} exceeds the context "
+            f"length {cfg.max_seq_len}; lower max_new_tokens to at most {cfg.max_seq_len - input_ids.shape[1]}"
+        )
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ConfigError(
+            f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
+        )
+
+
+@torch.inference_mode()
+def generate_stream(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    attention_mask: torch.Tensor | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    seed: int | None = None,
+    stop_strings: Sequence[str] | None = None,
+    tokenizer=None,
+    cache: list | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,), one step at a time; arguments as ``generate``.
+
+    Rows that have finished (EOS or a stop string) keep yielding their EOS id (or 0 without one).
+    The iteration ends when every row has finished or ``max_new_tokens`` were produced.
+    """
+    sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
+    _validate(model, input_ids, max_new_tokens, attention_mask)
+    if stop_strings and tokenizer is None:
+        raise ConfigError("stop_strings need the tokenizer (pass tokenizer=...) to read the generated text")
+    eos = _as_id_list(eos_token_id)
+    device = model.lm_head.weight.device
+    input_ids = input_ids.to(device)
+    b, t = input_ids.shape
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    mask = attention_mask.to(device).long() if padded else None
+    if mask is not None:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    else:
+        positions = torch.arange(t, device=device)[None].expand(b, t)
+    if cache is None:
+        cache = model.new_cache(b, t + max_new_tokens)
+    fill = eos[0] if eos else 0
+    eos_t = torch.tensor(eos, device=device) if eos else None
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    context = input_ids
+    generated: list[list[int]] = [[] for _ in range(b)]
+
+    logits = prefill(model, input_ids, cache, mask, positions)
+    next_pos = positions[:, -1:] + 1  # (B, 1)
+    for step in range(max_new_tokens):
+        token = sample_next(logits, sampling, context if repetition_penalty != 1.0 else None, generator)
+        token = torch.where(finished, torch.full_like(token, fill), token)
+        yield token
+        if eos_t is not None:
+            finished |= torch.isin(token, eos_t)
+        if stop_strings:
+            for i in range(b):
+                if not finished[i]:
+                    generated[i].append(int(token[i]))
+                    tail = tokenizer.decode(generated[i][-32:])
+                    if any(s in tail for s in stop_strings):
+                        finished[i] = True
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            return
+        if repetition_penalty != 1.0:
+            context = torch.cat([context, token[:, None]], dim=1)
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits = decode_one_token(model, token[:, None], cache, mask, next_pos)
+        next_pos = next_pos + 1
+
+
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    attention_mask: torch.Tensor | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    seed: int | None = None,
+    stop_strings: Sequence[str] | None = None,
+    tokenizer=None,
+) -> torch.Tensor:
+    """Generate up to ``max_new_tokens`` tokens after ``input_ids``.
+
+    Args:
+        model: A causal LM (``evolm.load_model`` / ``build_model``).
+        input_ids: (B, T) prompts, left-padded when their lengths differ.
+        max_new_tokens: Most tokens to add (> 0).
+        temperature: 0 is greedy; > 0 samples.
+        top_k: Keep the k most likely tokens (None/0: off; < 0 is an error).
+        top_p: Nucleus mass in (0, 1].
+        min_p: Relative probability floor in [0, 1].
+        repetition_penalty: CTRL penalty (> 0; 1 is off).
+        attention_mask: (B, T), 1 for real tokens, 0 for left padding.
+        eos_token_id: Id(s) that end a row.
+        seed: Seed for sampling, for reproducible draws.
+        stop_strings: Strings that end a row once they appear in its generated text.
+        tokenizer: Needed for ``stop_strings``.
+
+    Returns:
+        (B, T + n) LongTensor, n <= max_new_tokens the steps run; finished rows are filled with EOS.
+    """
+    steps = list(
+        generate_stream(
+            model,
+            input_ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            attention_mask=attention_mask,
+            eos_token_id=eos_token_id,
+            seed=seed,
+            stop_strings=stop_strings,
+            tokenizer=tokenizer,
+        )
+    )
+    new = torch.stack(steps, dim=1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)
+    return torch.cat([input_ids.to(new.device), new], dim=1)
