@@ -561,3 +561,9 @@ def test_unknown_tokenizer_model_and_pre(tmp_path):
 
     with pytest.raises(UnsupportedModelError, match="no-such-pre.*smollm"):
         read_gguf_vocab(write_llama(tmp_path / "b.gguf", random_llama(), meta=odd_pre))
+
+
+def test_config_only_read_matches_full_read(smollm2, smollm2_gguf):
+    from evolm.checkpoint.gguf import read_gguf_config
+
+    assert read_gguf_config(smollm2_gguf) == smollm2.hf_config

@@ -28,7 +28,7 @@ import torch
 
 from evolm.errors import CheckpointError, UnsupportedModelError
 
-__all__ = ["GGUFCheckpoint", "gguf_field", "open_gguf", "read_gguf"]
+__all__ = ["GGUFCheckpoint", "gguf_field", "open_gguf", "read_gguf", "read_gguf_config"]
 
 _BLOCK_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
 _MISSING = object()
@@ -452,3 +452,27 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} tensors the metadata implies are missing, e.g. {missing[:3]}")
     return GGUFCheckpoint(path=path, architecture=architecture, hf_config=config, tensors=tensors)
+
+
+def read_gguf_config(path: str | Path) -> dict:
+    """The transformers config dict of a GGUF file, reading metadata and tensor shapes only.
+
+    Cheap where ``read_gguf`` dequantises every tensor: the config needs only shapes (vocab rows,
+    whether an output head or biases exist), plus the small ``rope_freqs`` tensor when present.
+    """
+    path = Path(path)
+    reader = open_gguf(path)
+    architecture = gguf_field(reader, "general.architecture")
+    spec = _ARCHITECTURES.get(architecture)
+    if spec is None:
+        raise UnsupportedModelError(
+            f"{path}: general.architecture is {architecture!r}; supported: {sorted(_ARCHITECTURES)}"
+        )
+    raw: dict[str, np.ndarray] = {}
+    for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":
+            raw[tensor.name] = _dequantize(path, tensor)
+        else:  # a zero-stride view: the right shape, no memory
+            shape = tuple(int(n) for n in reversed(tensor.shape))
+            raw[tensor.name] = np.lib.stride_tricks.as_strided(np.zeros(1, np.uint8), shape, (0,) * len(shape))
+    return spec.config(path, reader, raw)

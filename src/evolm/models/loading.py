@@ -50,10 +50,9 @@ def load_config(path: str | Path) -> tuple[Family, DecoderConfig]:
     """Family and config of a checkpoint (directory or .gguf) without reading the weights' data."""
     p = Path(path)
     if p.suffix == ".gguf":
-        from evolm.checkpoint.gguf import read_gguf
+        from evolm.checkpoint.gguf import read_gguf_config
 
-        ckpt = read_gguf(p)
-        return config_from_hf(ckpt.hf_config, p)
+        return config_from_hf(read_gguf_config(p), p)
     _check_exists(p)
     directory = p if p.is_dir() else p.parent
     return config_from_hf(read_hf_config(directory), directory / "config.json")
