@@ -225,3 +225,58 @@ def test_config_is_frozen():
     cfg = CONFIGS["alibi"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.n_heads = 2  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("window", [1, 3, 6])
+@pytest.mark.parametrize("chunks", [[9], [2, 1, 1, 5], [7, 2], [1] * 9])
+def test_rolling_cache_equals_full_attention_with_window(window, chunks):
+    """A ring of `window` slots gives the same outputs as attending over the whole history."""
+    from evolm.nn.kv_cache import RollingKVCache
+
+    cfg = CONFIGS["rope-gqa-qknorm-head"]
+    layer = _layer(cfg)
+    t = sum(chunks)
+    x = torch.randn(2, t, C)
+    positions = torch.arange(t)[None].expand(2, t)
+    full_mask = AttentionMask(q_index=torch.arange(t), k_index=torch.arange(t), window=window)
+    with torch.no_grad():
+        full = layer(x, full_mask, _rope(cfg, positions))
+        cache = RollingKVCache(2, cfg.n_kv_heads, window, cfg.head_dim)
+        outs, start = [], 0
+        for n in chunks:
+            q_index = torch.arange(start, start + n)
+            mask = AttentionMask(q_index=q_index, k_index=cache.key_index(n), window=window)
+            outs.append(layer(x[:, start : start + n], mask, _rope(cfg, positions[:, start : start + n]), cache=cache))
+            start += n
+    assert cache.k.shape[2] == window  # memory is O(window)
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_model_caches_are_rolling_for_sliding_layers_only():
+    from evolm.models.config import DecoderConfig
+    from evolm.models.decoder import CausalLM
+    from evolm.nn.kv_cache import KVCache, RollingKVCache
+    from evolm.nn.mlp import MLPConfig
+    from evolm.nn.rope import RopeConfig
+
+    cfg = DecoderConfig(
+        family="gemma2",
+        vocab_size=50,
+        hidden_size=32,
+        n_layers=4,
+        max_seq_len=64,
+        attention=AttentionConfig(n_heads=4, n_kv_heads=2, head_dim=8, rope=RopeConfig(rotary_dim=8)),
+        mlp=MLPConfig(hidden_size=48),
+        sliding_window=4,
+        layer_types=("sliding", "full", "sliding", "full"),
+    )
+    model = CausalLM(cfg).eval()
+    caches = model.new_cache(1, 32)
+    assert [type(c) for c in caches] == [RollingKVCache, KVCache, RollingKVCache, KVCache]
+    assert caches[0].k.shape[2] == 4 and caches[1].k.shape[2] == 32
+    ids = torch.randint(0, 50, (1, 20))
+    with torch.no_grad():
+        full = model(ids)
+        steps = [model(ids[:, :6], cache=caches)] + [model(ids[:, i : i + 1], cache=caches) for i in range(6, 20)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert [type(c) for c in model.new_cache(1, 4)] == [KVCache] * 4  # window >= max_len: nothing to roll

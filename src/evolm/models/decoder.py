@@ -25,7 +25,7 @@ from torch import nn
 
 from evolm.models.config import DecoderConfig
 from evolm.nn.attention import AttentionMask
-from evolm.nn.kv_cache import KVCache
+from evolm.nn.kv_cache import KVCache, RollingKVCache
 from evolm.nn.mlp import make_mlp
 from evolm.nn.norm import make_norm
 from evolm.nn.positions import sinusoidal_positions
@@ -61,8 +61,7 @@ class DecoderLayer(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C)."""
-        mask = mask.with_window(self.window)
+        """(B, T, C) -> (B, T, C); ``mask`` already carries this layer's window and cache keys."""
         r = self.residual
         if r == "pre":
             x = x + self.self_attn(self.input_layernorm(x), mask, rope, cache)
@@ -105,7 +104,7 @@ class DecoderBackbone(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
-        cache: list[KVCache] | None = None,
+        cache: list[KVCache | RollingKVCache] | None = None,
     ) -> torch.Tensor:
         """Hidden states of the last block (after the final norm).
 
@@ -167,22 +166,42 @@ class DecoderBackbone(nn.Module):
             key_valid = attention_mask.bool()
         if document_ids is not None and cache is not None:
             raise ValueError("document_ids cannot be combined with a KV cache")
-        mask = AttentionMask(
-            q_index=q_index,
-            k_index=q_index if cache is None else torch.arange(past + t, device=device),
-            causal=True,
-            key_valid=key_valid,
-            q_doc=document_ids,
-            k_doc=document_ids,
-        )
+        masks = self._layer_masks(q_index, key_valid, document_ids, cache)
         rope = None
         if cfg.attention.position == "rope":
             rope = rope_cos_sin(cfg.attention.rope, position_ids, dtype=x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, rope, cache[i] if cache is not None else None)
+            x = layer(x, masks[i], rope, cache[i] if cache is not None else None)
         if cfg.final_norm:
             x = self.norm(x)
         return x
+
+    def _layer_masks(
+        self,
+        q_index: torch.Tensor,
+        key_valid: torch.Tensor | None,
+        document_ids: torch.Tensor | None,
+        cache: list[KVCache | RollingKVCache] | None,
+    ) -> list[AttentionMask]:
+        """One mask per layer, shared (with its dense form) by layers of the same window and cache kind."""
+        t = q_index.shape[0]
+        shared: dict[tuple, AttentionMask] = {}
+        masks = []
+        for i, layer in enumerate(self.layers):
+            c = cache[i] if cache is not None else None
+            key = (layer.window, type(c), getattr(c, "window", None))
+            if key not in shared:
+                shared[key] = AttentionMask(
+                    q_index=q_index,
+                    k_index=q_index if c is None else c.key_index(t),
+                    causal=True,
+                    window=layer.window,
+                    key_valid=key_valid,
+                    q_doc=document_ids,
+                    k_doc=document_ids,
+                )
+            masks.append(shared[key])
+        return masks
 
 
 class CausalLM(nn.Module):
@@ -203,12 +222,17 @@ class CausalLM(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[KVCache]:
         """Empty per-layer KV caches for ``batch_size`` sequences of up to ``max_len`` tokens."""
-        a = self.cfg.attention
-        p = self.lm_head.weight
-        return [
-            KVCache(batch_size, a.n_kv_heads, max_len or self.cfg.max_seq_len, a.head_dim, dtype or p.dtype, p.device)
-            for _ in range(self.cfg.n_layers)
-        ]
+        a, p = self.cfg.attention, self.lm_head.weight
+        max_len = max_len or self.cfg.max_seq_len
+        caches: list[KVCache | RollingKVCache] = []
+        for layer in self.model.layers:
+            if layer.window is not None and layer.window < max_len:  # memory O(window), not O(max_len)
+                caches.append(
+                    RollingKVCache(batch_size, a.n_kv_heads, layer.window, a.head_dim, dtype or p.dtype, p.device)
+                )
+            else:
+                caches.append(KVCache(batch_size, a.n_kv_heads, max_len, a.head_dim, dtype or p.dtype, p.device))
+        return caches
 
     def forward(
         self,
@@ -218,7 +242,7 @@ class CausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
-        cache: list[KVCache] | None = None,
+        cache: list[KVCache | RollingKVCache] | None = None,
     ) -> torch.Tensor:
         """Next-token logits (B, T, V); arguments as ``DecoderBackbone.forward``."""
         h = self.model(

@@ -13,6 +13,7 @@ plain matmul-softmax path for score transforms SDPA cannot express (soft-capping
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,8 @@ class AttentionMask:
         k_index: (S,) slot indices of the keys.
         causal: Apply the causal rule (False: bidirectional, as in BERT).
         window: Sliding-window width, or None.
-        key_valid: (B, S) bool, or None for all valid.
+        key_valid: (B, N) bool indexed by slot index (column j is slot j), or None for all valid.
+            Slots outside ``[0, N)`` (unwritten cache slots) count as invalid.
         q_doc: (B, T) document ids of queries, or None.
         k_doc: (B, S) document ids of keys, or None.
     """
@@ -63,8 +65,19 @@ class AttentionMask:
             and self.q_index.shape[0] == self.k_index.shape[0]
         )
 
+    def for_keys(self, k_index: torch.Tensor) -> AttentionMask:
+        """The same rules over other keys (those a KV cache returns)."""
+        return dataclasses.replace(self, k_index=k_index)
+
     def dense(self) -> torch.Tensor | None:
-        """The boolean visibility matrix, (B or 1, 1, T, S), or None when everything is visible."""
+        """The boolean visibility matrix, (B or 1, 1, T, S), or None when everything is visible.
+
+        Computed once per mask object and reused by every layer that shares the mask.
+        """
+        return self._dense
+
+    @functools.cached_property
+    def _dense(self) -> torch.Tensor | None:
         qi, ki = self.q_index[:, None], self.k_index[None, :]  # (T, 1), (1, S)
         allowed = None
         if self.causal:
@@ -75,7 +88,10 @@ class AttentionMask:
         if allowed is not None:
             allowed = allowed[None, None]  # (1, 1, T, S)
         if self.key_valid is not None:
-            kv = self.key_valid[:, None, None, :]  # (B, 1, 1, S)
+            n = self.key_valid.shape[1]
+            inside = (self.k_index >= 0) & (self.k_index < n)  # (S,)
+            kv = self.key_valid[:, self.k_index.clamp(0, n - 1)] & inside  # (B, S): gathered by slot
+            kv = kv[:, None, None, :]  # (B, 1, 1, S)
             allowed = kv if allowed is None else allowed & kv
         if self.q_doc is not None:
             same = self.q_doc[:, None, :, None] == self.k_doc[:, None, None, :]  # (B, 1, T, S)

@@ -1,8 +1,16 @@
 """Per-layer key/value caches for incremental decoding.
 
 A cache is an object per layer, passed to the layer explicitly. It stores keys and values in
-pre-allocated buffers (the static cache of gpt-fast) and reports the slot index of every key it
-returns, so the attention mask is built from indices, never from assumptions about layout.
+pre-allocated buffers and reports the slot index of every key it returns, so the attention mask
+is built from indices, never from assumptions about layout:
+
+* ``KVCache``: static and contiguous (gpt-fast): slot i holds token i.
+* ``RollingKVCache``: a ring of ``window`` slots for sliding-window layers (Mistral; Beltagy et
+  al., 2020, Longformer): memory stays O(window) however long the sequence grows.
+
+Both expose ``length`` (tokens seen), ``key_index(t)`` (slot indices of the keys the next
+``update`` of ``t`` tokens returns, so a model can build its masks before running its layers)
+and ``update(k, v)``.
 """
 
 from __future__ import annotations
@@ -38,6 +46,11 @@ class KVCache:
         self.k = torch.zeros(batch_size, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(batch_size, n_kv_heads, max_len, v_head_dim or head_dim, dtype=dtype, device=device)
         self.length = 0
+        self._index = torch.arange(max_len, device=self.k.device)
+
+    def key_index(self, t: int) -> torch.Tensor:
+        """Slot indices, (length + t,), of the keys ``update`` returns after ``t`` new tokens."""
+        return self._index[: self.length + t]
 
     @property
     def max_len(self) -> int:
@@ -73,5 +86,80 @@ class KVCache:
         self.k[:, :, start : start + t] = k
         self.v[:, :, start : start + t] = v
         self.length = start + t
-        idx = torch.arange(self.length, device=self.k.device)
-        return self.k[:, :, : self.length], self.v[:, :, : self.length], idx
+        return self.k[:, :, : self.length], self.v[:, :, : self.length], self._index[: self.length]
+
+
+# Index of a ring slot not yet written: so far before any query that the window rule hides it.
+_EMPTY = -(2**40)
+
+
+class RollingKVCache:
+    """Ring-buffer cache of the last ``window`` tokens of one sliding-window attention layer.
+
+    ``update`` returns the ring's contents followed by the new tokens, (B, K, window + T, D), with
+    their slot indices; the sliding-window rule of the mask hides keys that fell out of the window
+    (and the never-written slots, whose index is a large negative number). Afterwards the last
+    ``min(T, window)`` new tokens overwrite the ring at ``slot % window``. Because the window rule
+    needs at most ``window - 1`` past keys, attention over the returned keys equals attention over
+    the whole history.
+
+    Args:
+        batch_size: B.
+        n_kv_heads: K.
+        window: The layer's attention window (> 0).
+        head_dim: D of keys.
+        dtype: Storage dtype.
+        device: Storage device.
+        v_head_dim: D of values when it differs from keys.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        n_kv_heads: int,
+        window: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        v_head_dim: int | None = None,
+    ) -> None:
+        if window <= 0:
+            raise ValueError(f"RollingKVCache window={window}; must be > 0")
+        self.window = window
+        self.k = torch.zeros(batch_size, n_kv_heads, window, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch_size, n_kv_heads, window, v_head_dim or head_dim, dtype=dtype, device=device)
+        self.slots = torch.full((window,), _EMPTY, dtype=torch.long, device=self.k.device)
+        self.length = 0
+
+    def key_index(self, t: int) -> torch.Tensor:
+        """Slot indices, (window + t,), of the keys ``update`` returns after ``t`` new tokens."""
+        return torch.cat([self.slots, torch.arange(self.length, self.length + t, device=self.slots.device)])
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attend-able keys/values: the ring then the new tokens; then keep the newest in the ring.
+
+        Args:
+            k: (B, K, T, D) new keys.
+            v: (B, K, T, Dv) new values.
+
+        Returns:
+            ``(keys, values, k_index)``: (B, K, window + T, D), (B, K, window + T, Dv), (window + T,).
+        """
+        b, n_kv, w, d = self.k.shape
+        t = k.shape[2]
+        if k.shape != (b, n_kv, t, d) or v.shape != (b, n_kv, t, self.v.shape[3]):
+            raise ValueError(
+                f"KV cache update: keys {tuple(k.shape)} / values {tuple(v.shape)} do not fit a cache of "
+                f"(batch, kv_heads, slots, head_dim) = {tuple(self.k.shape)} / {tuple(self.v.shape)}"
+            )
+        index = self.key_index(t)
+        keys = torch.cat([self.k, k], dim=2)  # (B, K, W + T, D)
+        values = torch.cat([self.v, v], dim=2)
+        keep = min(t, w)
+        new_slots = torch.arange(self.length + t - keep, self.length + t, device=self.slots.device)
+        ring = new_slots % w
+        self.k[:, :, ring] = k[:, :, t - keep :]
+        self.v[:, :, ring] = v[:, :, t - keep :]
+        self.slots[ring] = new_slots
+        self.length += t
+        return keys, values, index

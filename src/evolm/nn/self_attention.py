@@ -10,7 +10,6 @@ Notation: B batch, T tokens, C model width, H query heads, K key/value heads, D 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -105,7 +104,8 @@ class SelfAttention(nn.Module):
 
         Args:
             x: (B, T, C) normalised hidden states.
-            mask: Visibility of keys; its ``k_index`` is replaced by the cache's when one is given.
+            mask: Visibility of keys. With a cache, ``mask.k_index`` should describe the keys the cache
+                returns (``cache.key_index(T)``); if it has another length it is replaced by them.
             rope: ``(cos, sin)`` tables, each (B, T, R), when positions are rotary.
             cache: This layer's KV cache, extended in place.
 
@@ -128,8 +128,9 @@ class SelfAttention(nn.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v, k_index = cache.update(k, v)  # (B, K, S, D) with S = cached + T
-            mask = dataclasses.replace(mask, k_index=k_index)
+            k, v, k_index = cache.update(k, v)  # (B, K, S, D): cached and new keys
+            if mask.k_index.shape[0] != k.shape[2]:  # caller described only the new keys
+                mask = mask.for_keys(k_index)
         slopes = alibi_slopes(cfg.n_heads).to(x.device) if cfg.position == "alibi" else None
         y = attend(q, k, v, mask, scale=cfg.scale, softcap=cfg.softcap, alibi_slopes=slopes)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(b, t, cfg.n_heads * cfg.head_dim)  # (B, T, H*D)
