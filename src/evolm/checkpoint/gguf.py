@@ -15,6 +15,7 @@ map, which rows to un-permute. Only "llama" (Llama 1/2/3, SmolLM, Mistral-as-lla
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -52,6 +53,21 @@ class GGUFCheckpoint:
 
 
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
+    """Open a GGUF file (see ``_open_gguf``); the parsed reader is reused while the file is unchanged,
+    so reading the weights and then the vocabulary parses the header once."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such GGUF file")
+    st = path.stat()
+    return _open_gguf_cached(path.resolve(), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_gguf_cached(path: Path, mtime_ns: int, size: int) -> gguf.GGUFReader:
+    return _open_gguf(path)
+
+
+def _open_gguf(path: str | Path) -> gguf.GGUFReader:
     """Open a GGUF file, turning every way the reader can fail into a `CheckpointError`.
 
     Args:

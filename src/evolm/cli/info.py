@@ -26,9 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _checkpoint_dtype(path: Path) -> str:
     if path.suffix == ".gguf":
-        import gguf
+        from evolm.checkpoint.gguf import open_gguf
 
-        kinds = sorted({t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors})
+        kinds = sorted({t.tensor_type.name for t in open_gguf(path).tensors})
         return "gguf " + "/".join(kinds)
     hf = json.loads((path / "config.json").read_text())
     return str(hf.get("torch_dtype") or hf.get("dtype") or "unknown")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from evolm.cli import info
+from evolm.cli import generate, info
 from evolm.errors import EvolmError
 
-VERBS = {"info": info}
+VERBS = {"info": info, "generate": generate}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,9 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="evolm", description="Build, load, train, evaluate and serve language models."
     )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for name, module in VERBS.items():
+    for module in VERBS.values():
         module.add_parser(sub)
-        del name
     return parser
 
 
@@ -27,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except EvolmError as e:
+    except (EvolmError, FloatingPointError) as e:
         print(f"evolm {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

@@ -114,10 +114,24 @@ def generate_stream(
 
     padded = attention_mask is not None and not bool(attention_mask.all())
     mask = attention_mask.to(device).long() if padded else None
+    past = cache[0].length if cache is not None else 0
+    if past and padded:
+        raise ConfigError("continuing from a filled cache works for unpadded prompts only")
+    if past + t + max_new_tokens > model.cfg.max_seq_len:
+        raise ConfigError(
+            f"cached ({past}) + prompt ({t}) + max_new_tokens ({max_new_tokens}) exceeds the context length "
+            f"{model.cfg.max_seq_len}"
+        )
+    room = min((c.max_len for c in cache if hasattr(c, "max_len")), default=None) if cache is not None else None
+    if room is not None and past + t + max_new_tokens > room:
+        raise ConfigError(
+            f"the cache holds {room} tokens but needs cached ({past}) + prompt ({t}) + max_new_tokens "
+            f"({max_new_tokens}); allocate it with model.new_cache(batch, max_len) large enough"
+        )
     if mask is not None:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
     else:
-        positions = torch.arange(t, device=device)[None].expand(b, t)
+        positions = torch.arange(past, past + t, device=device)[None].expand(b, t)
     if cache is None:
         cache = model.new_cache(b, t + max_new_tokens)
     fill = eos[0] if eos else 0
@@ -165,6 +179,7 @@ def generate(
     seed: int | None = None,
     stop_strings: Sequence[str] | None = None,
     tokenizer=None,
+    cache: list | None = None,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` tokens after ``input_ids``.
 
@@ -182,6 +197,8 @@ def generate(
         seed: Seed for sampling, for reproducible draws.
         stop_strings: Strings that end a row once they appear in its generated text.
         tokenizer: Needed for ``stop_strings``.
+        cache: Per-layer caches to extend (``model.new_cache``); ``input_ids`` then continue the
+            tokens already cached (multi-turn chat). Default: a fresh cache.
 
     Returns:
         (B, T + n) LongTensor, n <= max_new_tokens the steps run; finished rows are filled with EOS.
@@ -201,6 +218,7 @@ def generate(
             seed=seed,
             stop_strings=stop_strings,
             tokenizer=tokenizer,
+            cache=cache,
         )
     )
     new = torch.stack(steps, dim=1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)

@@ -52,6 +52,12 @@ class KVCache:
         """Slot indices, (length + t,), of the keys ``update`` returns after ``t`` new tokens."""
         return self._index[: self.length + t]
 
+    def truncate(self, n: int) -> None:
+        """Forget every token after the first ``n`` (a later update overwrites them)."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
+        self.length = n
+
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
@@ -130,6 +136,22 @@ class RollingKVCache:
         self.v = torch.zeros(batch_size, n_kv_heads, window, v_head_dim or head_dim, dtype=dtype, device=device)
         self.slots = torch.full((window,), _EMPTY, dtype=torch.long, device=self.k.device)
         self.length = 0
+
+    def truncate(self, n: int) -> None:
+        """Forget tokens after the first ``n``.
+
+        Possible while the ring still holds the ``window - 1`` tokens before ``n`` that the next
+        query needs: when nothing has left the ring yet, or when ``n >= length - 1``.
+        """
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
+        if self.length > self.window and n < self.length - 1:
+            raise ValueError(
+                f"cannot truncate a rolling cache of {self.length} tokens to {n}: tokens the window needs "
+                "have already left the ring; rebuild the cache from the tokens instead"
+            )
+        self.slots = torch.where(self.slots >= n, torch.full_like(self.slots, _EMPTY), self.slots)
+        self.length = n
 
     def key_index(self, t: int) -> torch.Tensor:
         """Slot indices, (window + t,), of the keys ``update`` returns after ``t`` new tokens."""
