@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 import pytest
 import transformers as T
-from helpers.hf_parity import build_hf
 
 from evolm.cli.args import add_dataclass_args, dataclass_from_args
 from evolm.cli.main import main
 from evolm.errors import ConfigError
 from evolm.infer.sampling import SamplingConfig
+from helpers.hf_parity import build_hf
 
 
 def test_info_json_on_a_checkpoint(tmp_path, capsys):
