@@ -266,3 +266,16 @@ def test_mask_helpers():
     assert dense.shape == (1, 1, 4, 4)
     torch.testing.assert_close(dense[0, 0], _visible(mask, 1)[0])
     assert not AttentionMask(q_index=torch.arange(2, 4), k_index=torch.arange(4)).is_plain_causal()
+
+
+def test_single_query_over_its_history_needs_no_mask():
+    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    mask = AttentionMask(q_index=torch.tensor([5]), k_index=torch.arange(6), keys_are_history=True)
+    assert mask.dense() is None
+    ref = AttentionMask(q_index=torch.tensor([5]), k_index=torch.arange(6))
+    assert ref.dense() is not None and bool(ref.dense().all())
+    torch.testing.assert_close(attend(q, k, v, mask), attend(q, k, v, ref))
+    assert (
+        AttentionMask(q_index=torch.tensor([5]), k_index=torch.arange(6), window=3, keys_are_history=True).dense()
+        is not None
+    )

@@ -199,6 +199,7 @@ class DecoderBackbone(nn.Module):
                     key_valid=key_valid,
                     q_doc=document_ids,
                     k_doc=document_ids,
+                    keys_are_history=c is None or isinstance(c, KVCache),
                 )
             masks.append(shared[key])
         return masks

@@ -41,6 +41,9 @@ class AttentionMask:
             Slots outside ``[0, N)`` (unwritten cache slots) count as invalid.
         q_doc: (B, T) document ids of queries, or None.
         k_doc: (B, S) document ids of keys, or None.
+        keys_are_history: The caller guarantees ``k_index == arange(S)`` and ``q_index ==
+            arange(S - T, S)`` (no cache, or a static one): a single causal query then sees every
+            key, and no mask is built (the common decode step).
     """
 
     q_index: torch.Tensor
@@ -50,6 +53,7 @@ class AttentionMask:
     key_valid: torch.Tensor | None = None
     q_doc: torch.Tensor | None = None
     k_doc: torch.Tensor | None = None
+    keys_are_history: bool = False
 
     def with_window(self, window: int | None) -> AttentionMask:
         """The same mask with another sliding window (per-layer windows, e.g. Gemma 2)."""
@@ -78,6 +82,14 @@ class AttentionMask:
 
     @functools.cached_property
     def _dense(self) -> torch.Tensor | None:
+        if (
+            self.keys_are_history
+            and self.q_index.shape[0] == 1
+            and self.window is None
+            and self.key_valid is None
+            and self.q_doc is None
+        ):
+            return None  # the newest token sees all of its history
         qi, ki = self.q_index[:, None], self.k_index[None, :]  # (T, 1), (1, S)
         allowed = None
         if self.causal:
