@@ -24,6 +24,10 @@ def _identity(state: Mapping[str, torch.Tensor], cfg: DecoderConfig) -> StateDic
     return dict(state)
 
 
+# Checkpoint tensors most families may carry that are cached buffers, not weights.
+_BUFFERS = ("rotary_emb.inv_freq",)
+
+
 @dataclass(frozen=True)
 class Family:
     """How one model family is read from and written to checkpoints.
@@ -47,7 +51,7 @@ class Family:
     config_to_hf: Callable[[DecoderConfig], dict]
     state_from_hf: Callable[[Mapping[str, torch.Tensor], DecoderConfig], StateDict] = _identity
     state_to_hf: Callable[[Mapping[str, torch.Tensor], DecoderConfig], StateDict] = _identity
-    ignored_keys: tuple[str, ...] = ("rotary_emb.inv_freq",)
+    ignored_keys: tuple[str, ...] = _BUFFERS
     build: Callable[[DecoderConfig], nn.Module] | None = None
 
     def new_model(self, cfg: DecoderConfig) -> nn.Module:
@@ -59,7 +63,38 @@ class Family:
         return CausalLM(cfg)
 
 
-# HF model_type -> module in evolm.models.families defining FAMILY.
+def families_by_type(
+    architectures: Mapping[str, str],
+    config_from_hf: Callable[[dict], DecoderConfig],
+    config_to_hf: Callable[[DecoderConfig], dict],
+    state_from_hf: Callable[[Mapping[str, torch.Tensor], DecoderConfig], StateDict] = _identity,
+    state_to_hf: Callable[[Mapping[str, torch.Tensor], DecoderConfig], StateDict] = _identity,
+    ignored_keys: tuple[str, ...] = _BUFFERS,
+) -> dict[str, Family]:
+    """A family module's ``FAMILIES``: one ``Family`` per HF ``model_type``, named after it.
+
+    Args:
+        architectures: HF ``model_type`` -> the ``architectures[0]`` written on save.
+        config_from_hf, config_to_hf, state_from_hf, state_to_hf, ignored_keys: ``Family``'s
+            fields, shared by every model type of the module (converters read ``model_type`` or
+            ``cfg.family`` where the types differ).
+    """
+    return {
+        mt: Family(
+            name=mt,
+            model_types=(mt,),
+            architecture=arch,
+            config_from_hf=config_from_hf,
+            config_to_hf=config_to_hf,
+            state_from_hf=state_from_hf,
+            state_to_hf=state_to_hf,
+            ignored_keys=ignored_keys,
+        )
+        for mt, arch in architectures.items()
+    }
+
+
+# HF model_type -> module in evolm.models.families defining FAMILIES.
 _MODULES: dict[str, str] = {
     "llama": "llama",
     "mistral": "llama",

@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from evolm.errors import ConfigError
+from evolm.models.config import DecoderConfig
+from evolm.nn.mlp import MLPConfig
+from evolm.nn.norm import NormConfig
 from evolm.nn.rope import RopeConfig, RopeScaling
 
 # Fields copied verbatim between HF configs and ``DecoderConfig.extra`` so a save keeps them.
@@ -179,3 +182,163 @@ def max_position_to_hf(max_seq_len: int, rope: RopeConfig | None) -> int:
     if rope is not None and rope.scaling is not None and rope.scaling.kind == "dynamic":
         return int(rope.scaling.original_max_position)
     return max_seq_len
+
+
+def activation_to_hf(activation: str, gelu_tanh: str = "gelu_pytorch_tanh") -> str:
+    """The HF ``hidden_act`` name of evolm's ``activation``.
+
+    Args:
+        activation: evolm's name (``silu``, ``gelu``, ``gelu_tanh``, ``relu``).
+        gelu_tanh: The family's HF name for the tanh-approximate GELU (``"gelu_new"`` in the GPT-2
+            lineage: GPT-2, GPT-J, GPT-NeoX, Phi).
+    """
+    return {"silu": "silu", "gelu": "gelu", "gelu_tanh": gelu_tanh, "relu": "relu"}[activation]
+
+
+# Llama-style configs (Llama, Gemma, Phi, Phi-3, StableLM, StarCoder 2; GPT-NeoX but for
+# num_key_value_heads) spell their sizes hidden_size, num_hidden_layers, num_attention_heads,
+# num_key_value_heads, intermediate_size, max_position_embeddings.
+
+
+def head_dim_from_hf(hf: dict) -> int:
+    """Per-head width D: ``head_dim`` when the config sets it, else ``hidden_size / num_attention_heads``."""
+    c, n_heads = int(need(hf, "hidden_size")), int(need(hf, "num_attention_heads"))
+    return int(hf.get("head_dim") or c // n_heads)
+
+
+def heads_from_hf(hf: dict, head_dim: int) -> dict[str, int]:
+    """``n_heads``, ``n_kv_heads`` (``num_key_value_heads``, else one per query head) and ``head_dim``,
+    as ``AttentionConfig`` keyword arguments."""
+    n_heads = int(need(hf, "num_attention_heads"))
+    return {"n_heads": n_heads, "n_kv_heads": int(hf.get("num_key_value_heads") or n_heads), "head_dim": head_dim}
+
+
+def mlp_from_hf(hf: dict, *, gated: bool, default_act: str, bias: bool = False) -> MLPConfig:
+    """The feed-forward block: width ``intermediate_size``, activation ``hidden_act``.
+
+    Args:
+        hf: The config dict.
+        gated: GLU feed-forward (``gate_proj``) or a plain two-layer one.
+        default_act: The HF activation the family assumes when ``hidden_act`` is absent.
+        bias: Whether the projections carry biases.
+    """
+    return MLPConfig(
+        hidden_size=int(need(hf, "intermediate_size")),
+        gated=gated,
+        activation=activation_from_hf(hf.get("hidden_act", default_act)),
+        bias=bias,
+    )
+
+
+def llama_style_from_hf(hf: dict, rope: RopeConfig | None, *, tie_embeddings: bool) -> dict[str, Any]:
+    """The ``DecoderConfig`` fields every Llama-style config states the same way, as keyword arguments.
+
+    Args:
+        hf: The config dict.
+        rope: The model's RoPE (its dynamic-NTK factor extends the context length).
+        tie_embeddings: The family's default for ``tie_word_embeddings``.
+
+    Returns:
+        ``vocab_size``, ``hidden_size``, ``n_layers`` (``num_hidden_layers``), ``max_seq_len``
+        (``max_position_embeddings``), ``tie_embeddings`` and ``extra`` (the passthrough fields).
+    """
+    return {
+        "vocab_size": int(need(hf, "vocab_size")),
+        "hidden_size": int(need(hf, "hidden_size")),
+        "n_layers": int(need(hf, "num_hidden_layers")),
+        "max_seq_len": max_seq_len_from_hf(hf, rope),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", tie_embeddings)),
+        "extra": extra_from_hf(hf),
+    }
+
+
+def llama_style_to_hf(cfg: DecoderConfig, architecture: str, **fields: Any) -> dict[str, Any]:
+    """An HF config dict for ``cfg`` with the fields every Llama-style config states the same way.
+
+    Args:
+        cfg: The model config.
+        architecture: HF ``architectures[0]``.
+        **fields: The family's own fields; they follow the RoPE fields and so override them.
+
+    Returns:
+        ``model_type``, ``architectures``, the sizes and head counts, ``max_position_embeddings``,
+        ``tie_word_embeddings`` and the RoPE fields, then ``fields``, then ``cfg.extra`` (kept verbatim
+        from the checkpoint this config was read from, so it wins).
+    """
+    a = cfg.attention
+    return {
+        "model_type": cfg.family,
+        "architectures": [architecture],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.mlp.hidden_size,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": a.n_heads,
+        "num_key_value_heads": a.n_kv_heads,
+        "max_position_embeddings": max_position_to_hf(cfg.max_seq_len, a.rope),
+        "tie_word_embeddings": cfg.tie_embeddings,
+        **rope_to_hf(a.rope, a.head_dim),
+        **fields,
+        **dict(cfg.extra),
+    }
+
+
+def head_dim_to_hf(cfg: DecoderConfig) -> dict[str, int]:
+    """``{"head_dim": D}`` when D is not ``hidden_size / num_attention_heads`` (what it reads as), else ``{}``."""
+    a = cfg.attention
+    return {"head_dim": a.head_dim} if a.head_dim * a.n_heads != cfg.hidden_size else {}
+
+
+# GPT-2-style configs (GPT-2, GPT-J, CodeGen) name their sizes n_embd, n_layer, n_head, n_positions,
+# n_inner (the Llama-style names are read as fallbacks) and have no fields for the block's shape:
+# a two-layer feed-forward with biases and LayerNorm with bias, always.
+
+
+def gpt2_style_from_hf(hf: dict, *, tie_embeddings: bool) -> dict[str, Any]:
+    """The ``DecoderConfig`` fields a GPT-2-style config states, as keyword arguments.
+
+    Args:
+        hf: The config dict.
+        tie_embeddings: The family's default for ``tie_word_embeddings``.
+
+    Returns:
+        ``vocab_size``, ``hidden_size`` (``n_embd``), ``n_layers`` (``n_layer``), ``max_seq_len``
+        (``n_positions``), ``mlp`` (width ``n_inner``, default 4C; ``activation_function``),
+        ``norm`` (``layer_norm_epsilon``), ``tie_embeddings`` and ``extra``.
+    """
+    c = int(need(hf, "n_embd", "hidden_size"))
+    return {
+        "vocab_size": int(need(hf, "vocab_size")),
+        "hidden_size": c,
+        "n_layers": int(need(hf, "n_layer", "num_hidden_layers")),
+        "max_seq_len": int(need(hf, "n_positions", "max_position_embeddings")),
+        "mlp": MLPConfig(
+            hidden_size=int(hf.get("n_inner") or 4 * c),
+            gated=False,
+            activation=activation_from_hf(hf.get("activation_function", "gelu_new")),
+            bias=True,
+        ),
+        "norm": NormConfig(kind="layernorm", eps=float(hf.get("layer_norm_epsilon", 1e-5)), bias=True),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", tie_embeddings)),
+        "extra": extra_from_hf(hf),
+    }
+
+
+def gpt2_style_to_hf(cfg: DecoderConfig, architecture: str, **fields: Any) -> dict[str, Any]:
+    """A GPT-2-style HF config dict for ``cfg``: the fields ``gpt2_style_from_hf`` reads plus
+    ``model_type``, ``architectures`` and ``n_head``, then ``fields``, then ``cfg.extra``."""
+    return {
+        "model_type": cfg.family,
+        "architectures": [architecture],
+        "vocab_size": cfg.vocab_size,
+        "n_embd": cfg.hidden_size,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.attention.n_heads,
+        "n_positions": cfg.max_seq_len,
+        "n_inner": cfg.mlp.hidden_size,
+        "activation_function": activation_to_hf(cfg.mlp.activation, gelu_tanh="gelu_new"),
+        "layer_norm_epsilon": cfg.norm.eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        **fields,
+        **dict(cfg.extra),
+    }

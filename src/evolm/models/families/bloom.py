@@ -32,7 +32,6 @@ GPT-NeoX.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,12 +39,25 @@ import torch
 
 from evolm.errors import ConfigError
 from evolm.models.config import DecoderConfig
-from evolm.models.families.gpt_neox import fuse_qkv_per_head, split_qkv_per_head
-from evolm.models.family import Family, StateDict
+from evolm.models.families.gpt_neox import QKV, QKV_PARTS, fuse_qkv_per_head, split_qkv_per_head
+from evolm.models.family import StateDict, families_by_type
 from evolm.models.hf_config import extra_from_hf, need
+from evolm.models.renames import Renames, fuse, unfuse
 from evolm.nn.mlp import MLPConfig
 from evolm.nn.norm import NormConfig
 from evolm.nn.self_attention import AttentionConfig
+
+_ARCH = {"bloom": "BloomForCausalLM"}
+_RENAMES = Renames(  # (HF, evolm), at the start of a name, HF's without its optional "transformer."
+    ("word_embeddings.", "model.embed_tokens."),
+    ("word_embeddings_layernorm.", "model.embed_norm."),
+    ("ln_f.", "model.norm."),
+    ("h.{i}.self_attention.dense.", "model.layers.{i}.self_attn.o_proj."),
+    ("h.{i}.self_attention.", "model.layers.{i}.self_attn."),
+    ("h.{i}.mlp.dense_h_to_4h.", "model.layers.{i}.mlp.up_proj."),
+    ("h.{i}.mlp.dense_4h_to_h.", "model.layers.{i}.mlp.down_proj."),
+    ("h.{i}.", "model.layers.{i}."),
+)
 
 # BLOOM was trained on 2048-token sequences; its config.json rarely says so (``seq_length`` when it does).
 _TRAINED_CONTEXT = 2048
@@ -88,7 +100,7 @@ def _config_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
         )
     hf: dict[str, Any] = {
         "model_type": "bloom",
-        "architectures": ["BloomForCausalLM"],
+        "architectures": [_ARCH["bloom"]],
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "n_layer": cfg.n_layers,
@@ -102,74 +114,16 @@ def _config_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
     return hf
 
 
-_LAYER_RENAMES = {
-    "self_attention.dense": "self_attn.o_proj",
-    "mlp.dense_h_to_4h": "mlp.up_proj",
-    "mlp.dense_4h_to_h": "mlp.down_proj",
-    "input_layernorm": "input_layernorm",
-    "post_attention_layernorm": "post_attention_layernorm",
-}
-_TOP_RENAMES = {
-    "word_embeddings.weight": "model.embed_tokens.weight",
-    "word_embeddings_layernorm.weight": "model.embed_norm.weight",
-    "word_embeddings_layernorm.bias": "model.embed_norm.bias",
-    "ln_f.weight": "model.norm.weight",
-    "ln_f.bias": "model.norm.bias",
-}
-_QKV = "self_attention.query_key_value"
-
-
 def _state_from_hf(state: Mapping[str, torch.Tensor], cfg: DecoderConfig) -> StateDict:
     h = cfg.attention.n_heads
-    out: StateDict = {}
-    for name, t in state.items():
-        name = name.removeprefix("transformer.")
-        m = re.fullmatch(r"h\.(\d+)\.(.+)\.(weight|bias)", name)
-        if m is None:
-            out[_TOP_RENAMES.get(name, name)] = t
-            continue
-        pre, module, kind = f"model.layers.{m[1]}.", m[2], m[3]
-        if module == _QKV:
-            for proj, part in zip("qkv", split_qkv_per_head(t, h), strict=True):
-                out[f"{pre}self_attn.{proj}_proj.{kind}"] = part
-        else:
-            out[f"{pre}{_LAYER_RENAMES.get(module, module)}.{kind}"] = t
-    return out
+    state = _RENAMES.state_from_hf({name.removeprefix("transformer."): t for name, t in state.items()})
+    return unfuse(state, QKV, QKV_PARTS, lambda _, t: split_qkv_per_head(t, h))
 
 
 def _state_to_hf(state: Mapping[str, torch.Tensor], cfg: DecoderConfig) -> StateDict:
     h = cfg.attention.n_heads
-    top = {v: k for k, v in _TOP_RENAMES.items()}
-    layer_renames = {v: k for k, v in _LAYER_RENAMES.items()}
-    out: StateDict = {}
-    for name, t in state.items():
-        if name == "lm_head.weight":
-            out[name] = t
-            continue
-        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
-        if m is None:
-            out["transformer." + top[name]] = t
-            continue
-        pre, module, kind = f"transformer.h.{m[1]}.", m[2], m[3]
-        if module in ("self_attn.k_proj", "self_attn.v_proj"):
-            continue  # fused with q_proj below
-        if module == "self_attn.q_proj":
-            qkv = [state[f"model.layers.{m[1]}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
-            out[f"{pre}{_QKV}.{kind}"] = fuse_qkv_per_head(*qkv, h)
-        else:
-            out[f"{pre}{layer_renames[module]}.{kind}"] = t
-    return out
+    out = _RENAMES.state_to_hf(fuse(state, QKV_PARTS, QKV, lambda qkv: fuse_qkv_per_head(*qkv, h)))
+    return {name if name == "lm_head.weight" else f"transformer.{name}": t for name, t in out.items()}
 
 
-FAMILIES = {
-    "bloom": Family(
-        name="bloom",
-        model_types=("bloom",),
-        architecture="BloomForCausalLM",
-        config_from_hf=_config_from_hf,
-        config_to_hf=_config_to_hf,
-        state_from_hf=_state_from_hf,
-        state_to_hf=_state_to_hf,
-        ignored_keys=(),
-    )
-}
+FAMILIES = families_by_type(_ARCH, _config_from_hf, _config_to_hf, _state_from_hf, _state_to_hf, ignored_keys=())

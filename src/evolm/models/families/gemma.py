@@ -21,24 +21,23 @@ from typing import Any
 
 from evolm.errors import ConfigError
 from evolm.models.config import DecoderConfig
-from evolm.models.family import Family
+from evolm.models.family import families_by_type
 from evolm.models.hf_config import (
     activation_from_hf,
-    extra_from_hf,
+    activation_to_hf,
+    heads_from_hf,
     layer_types_from_hf,
     layer_types_to_hf,
-    max_position_to_hf,
-    max_seq_len_from_hf,
+    llama_style_from_hf,
+    llama_style_to_hf,
     need,
     rope_from_hf,
-    rope_to_hf,
 )
 from evolm.nn.mlp import MLPConfig
 from evolm.nn.norm import NormConfig
 from evolm.nn.self_attention import AttentionConfig
 
 _ARCH = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
-_HF_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
 
 
 def _activation(hf: dict) -> str:
@@ -70,7 +69,6 @@ def _config_from_hf(hf: dict) -> DecoderConfig:
             "evolm builds causal decoders only"
         )
     c = int(need(hf, "hidden_size"))
-    n_heads = int(need(hf, "num_attention_heads"))
     head_dim = int(need(hf, "head_dim"))
     n_layers = int(need(hf, "num_hidden_layers"))
     rope = rope_from_hf(hf, head_dim)
@@ -93,14 +91,9 @@ def _config_from_hf(hf: dict) -> DecoderConfig:
 
     return DecoderConfig(
         family=mt,
-        vocab_size=int(need(hf, "vocab_size")),
-        hidden_size=c,
-        n_layers=n_layers,
-        max_seq_len=max_seq_len_from_hf(hf, rope),
+        **llama_style_from_hf(hf, rope, tie_embeddings=True),
         attention=AttentionConfig(
-            n_heads=n_heads,
-            n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-            head_dim=head_dim,
+            **heads_from_hf(hf, head_dim),
             qkv_bias=bias,
             out_bias=bias,
             scale=scale,
@@ -111,11 +104,9 @@ def _config_from_hf(hf: dict) -> DecoderConfig:
         norm=NormConfig(kind="rmsnorm", eps=eps, unit_offset=True),
         residual=residual,
         embedding_scale=math.sqrt(c),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         final_softcap=float(final_softcap) if final_softcap is not None else None,
         sliding_window=int(window) if window is not None else None,
         layer_types=layer_types,
-        extra=extra_from_hf(hf),
     )
 
 
@@ -127,42 +118,21 @@ def _query_pre_attn_scalar(scale: float) -> float | int:
 
 
 def _config_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
-    a, mt = cfg.attention, cfg.family
-    hf: dict[str, Any] = {
-        "model_type": mt,
-        "architectures": [_ARCH[mt]],
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.mlp.hidden_size,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": a.n_heads,
-        "num_key_value_heads": a.n_kv_heads,
-        "head_dim": a.head_dim,
-        "max_position_embeddings": max_position_to_hf(cfg.max_seq_len, a.rope),
-        "rms_norm_eps": cfg.norm.eps,
-        "attention_bias": a.qkv_bias,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        **rope_to_hf(a.rope, a.head_dim),
-    }
-    if mt == "gemma":
-        hf["hidden_act"] = _HF_ACT[cfg.mlp.activation]
+    a, act = cfg.attention, activation_to_hf(cfg.mlp.activation)
+    fields: dict[str, Any] = {"head_dim": a.head_dim, "rms_norm_eps": cfg.norm.eps, "attention_bias": a.qkv_bias}
+    if cfg.family == "gemma":
+        fields["hidden_act"] = act
     else:
         types = cfg.layer_types or tuple("full" for _ in range(cfg.n_layers))
-        hf.update(
-            hidden_activation=_HF_ACT[cfg.mlp.activation],
+        fields.update(
+            hidden_activation=act,
             query_pre_attn_scalar=_query_pre_attn_scalar(a.scale if a.scale is not None else a.head_dim**-0.5),
             attn_logit_softcapping=a.softcap,
             final_logit_softcapping=cfg.final_softcap,
             sliding_window=cfg.sliding_window,
             layer_types=layer_types_to_hf(types),
         )
-    hf.update(dict(cfg.extra))
-    return hf
+    return llama_style_to_hf(cfg, _ARCH[cfg.family], **fields)
 
 
-FAMILIES = {
-    mt: Family(
-        name=mt, model_types=(mt,), architecture=arch, config_from_hf=_config_from_hf, config_to_hf=_config_to_hf
-    )
-    for mt, arch in _ARCH.items()
-}
+FAMILIES = families_by_type(_ARCH, _config_from_hf, _config_to_hf)

@@ -33,13 +33,11 @@ import torch
 
 from evolm.errors import ConfigError
 from evolm.models.config import DecoderConfig
-from evolm.models.family import Family, StateDict
-from evolm.models.hf_config import activation_from_hf, extra_from_hf, need
-from evolm.nn.mlp import MLPConfig
-from evolm.nn.norm import NormConfig
+from evolm.models.family import StateDict, families_by_type
+from evolm.models.hf_config import gpt2_style_from_hf, gpt2_style_to_hf, need
 from evolm.nn.self_attention import AttentionConfig
 
-_HF_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+_ARCH = {"gpt2": "GPT2LMHeadModel"}
 
 # Options of GPT2Config evolm does not implement, with the only value it accepts.
 _UNSUPPORTED = {"scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False}
@@ -55,17 +53,14 @@ def _config_from_hf(hf: dict) -> DecoderConfig:
         raise ConfigError(f"n_embd={c} is not a multiple of n_head={n_heads}")
     # scale_attn_weights=False drops the 1/sqrt(D) factor: scores are raw dot products.
     scale = None if hf.get("scale_attn_weights", True) else 1.0
-    extra = extra_from_hf(hf)
+    base = gpt2_style_from_hf(hf, tie_embeddings=True)
     # reorder_and_upcast_attn only changes the precision of HF's eager attention (fp32 scores and
     # softmax); the function is the same, so it is accepted and written back on save.
     if hf.get("reorder_and_upcast_attn"):
-        extra += (("reorder_and_upcast_attn", True),)
+        base["extra"] += (("reorder_and_upcast_attn", True),)
     return DecoderConfig(
         family="gpt2",
-        vocab_size=int(need(hf, "vocab_size")),
-        hidden_size=c,
-        n_layers=int(need(hf, "n_layer", "num_hidden_layers")),
-        max_seq_len=int(need(hf, "n_positions", "max_position_embeddings")),
+        **base,
         attention=AttentionConfig(
             n_heads=n_heads,
             n_kv_heads=n_heads,
@@ -75,17 +70,8 @@ def _config_from_hf(hf: dict) -> DecoderConfig:
             scale=scale,
             position="none",
         ),
-        mlp=MLPConfig(
-            hidden_size=int(hf.get("n_inner") or 4 * c),
-            gated=False,
-            activation=activation_from_hf(hf.get("activation_function", "gelu_new")),
-            bias=True,
-        ),
-        norm=NormConfig(kind="layernorm", eps=float(hf.get("layer_norm_epsilon", 1e-5)), bias=True),
         residual="pre",
         absolute_positions="learned",
-        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        extra=extra,
     )
 
 
@@ -93,24 +79,13 @@ def _config_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
     a = cfg.attention
     if a.scale not in (None, 1.0):
         raise ConfigError(f"attention.scale={a.scale} cannot be written as a gpt2 config; only None or 1.0")
-    hf: dict[str, Any] = {
-        "model_type": "gpt2",
-        "architectures": ["GPT2LMHeadModel"],
-        "vocab_size": cfg.vocab_size,
-        "n_embd": cfg.hidden_size,
-        "n_layer": cfg.n_layers,
-        "n_head": a.n_heads,
-        "n_positions": cfg.max_seq_len,
-        "n_inner": cfg.mlp.hidden_size,
-        "activation_function": _HF_ACT[cfg.mlp.activation],
-        "layer_norm_epsilon": cfg.norm.eps,
-        "scale_attn_weights": a.scale is None,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": cfg.tie_embeddings,
-    }
-    hf.update(dict(cfg.extra))
-    return hf
+    return gpt2_style_to_hf(
+        cfg,
+        _ARCH["gpt2"],
+        scale_attn_weights=a.scale is None,
+        scale_attn_by_inverse_layer_idx=False,
+        reorder_and_upcast_attn=False,
+    )
 
 
 # Per-layer tensors whose names differ only by a rename (biases, norms); Conv1D weights are handled apart.
@@ -187,16 +162,6 @@ def _state_to_hf(state: Mapping[str, torch.Tensor], cfg: DecoderConfig) -> State
     return out
 
 
-FAMILIES = {
-    "gpt2": Family(
-        name="gpt2",
-        model_types=("gpt2",),
-        architecture="GPT2LMHeadModel",
-        config_from_hf=_config_from_hf,
-        config_to_hf=_config_to_hf,
-        state_from_hf=_state_from_hf,
-        state_to_hf=_state_to_hf,
-        # Causal-mask buffers of older checkpoints (not weights); ".attn.bias" does not match "c_attn.bias".
-        ignored_keys=(".attn.bias", ".attn.masked_bias"),
-    )
-}
+# Causal-mask buffers of older checkpoints (not weights); ".attn.bias" does not match "c_attn.bias".
+_BUFFERS = (".attn.bias", ".attn.masked_bias")
+FAMILIES = families_by_type(_ARCH, _config_from_hf, _config_to_hf, _state_from_hf, _state_to_hf, _BUFFERS)

@@ -30,7 +30,6 @@ layout, and ``split_qkv_per_head``/``fuse_qkv_per_head`` serve both.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,22 +37,34 @@ import torch
 
 from evolm.errors import ConfigError
 from evolm.models.config import DecoderConfig
-from evolm.models.family import Family, StateDict
+from evolm.models.family import StateDict, families_by_type
 from evolm.models.hf_config import (
-    activation_from_hf,
-    extra_from_hf,
+    activation_to_hf,
+    llama_style_from_hf,
     max_position_to_hf,
-    max_seq_len_from_hf,
+    mlp_from_hf,
     need,
     rope_from_hf,
     rope_params,
     rope_to_hf,
 )
-from evolm.nn.mlp import MLPConfig
+from evolm.models.renames import Renames, fuse, unfuse
 from evolm.nn.norm import NormConfig
 from evolm.nn.self_attention import AttentionConfig
 
-_HF_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
+_ARCH = {"gpt_neox": "GPTNeoXForCausalLM"}
+# The per-layer fused projection keeps HF's module name, under evolm's self_attn, until split.
+QKV, QKV_PARTS = "self_attn.query_key_value", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_RENAMES = Renames(  # (HF, evolm), at the start of a name
+    ("gpt_neox.embed_in.", "model.embed_tokens."),
+    ("gpt_neox.final_layer_norm.", "model.norm."),
+    ("embed_out.", "lm_head."),
+    ("gpt_neox.layers.{i}.attention.dense.", "model.layers.{i}.self_attn.o_proj."),
+    ("gpt_neox.layers.{i}.attention.", "model.layers.{i}.self_attn."),
+    ("gpt_neox.layers.{i}.mlp.dense_h_to_4h.", "model.layers.{i}.mlp.up_proj."),
+    ("gpt_neox.layers.{i}.mlp.dense_4h_to_h.", "model.layers.{i}.mlp.down_proj."),
+    ("gpt_neox.layers.{i}.", "model.layers.{i}."),
+)
 
 
 def split_qkv_per_head(t: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,23 +102,13 @@ def _config_from_hf(hf: dict) -> DecoderConfig:
     bias = bool(hf.get("attention_bias", True))
     return DecoderConfig(
         family="gpt_neox",
-        vocab_size=int(need(hf, "vocab_size")),
-        hidden_size=c,
-        n_layers=int(need(hf, "num_hidden_layers")),
-        max_seq_len=max_seq_len_from_hf(hf, rope),
+        **llama_style_from_hf(hf, rope, tie_embeddings=False),
         attention=AttentionConfig(
             n_heads=n_heads, n_kv_heads=n_heads, head_dim=head_dim, qkv_bias=bias, out_bias=bias, rope=rope
         ),
-        mlp=MLPConfig(
-            hidden_size=int(need(hf, "intermediate_size")),
-            gated=False,
-            activation=activation_from_hf(hf.get("hidden_act", "gelu")),
-            bias=True,
-        ),
+        mlp=mlp_from_hf(hf, gated=False, default_act="gelu", bias=True),
         norm=NormConfig(kind="layernorm", eps=float(hf.get("layer_norm_eps", 1e-5)), bias=True),
         residual="parallel" if hf.get("use_parallel_residual", True) else "pre",
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        extra=extra_from_hf(hf),
     )
 
 
@@ -118,13 +119,13 @@ def _config_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
     rope = rope_to_hf(a.rope, a.head_dim)
     hf: dict[str, Any] = {
         "model_type": "gpt_neox",
-        "architectures": ["GPTNeoXForCausalLM"],
+        "architectures": [_ARCH["gpt_neox"]],
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.mlp.hidden_size,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": a.n_heads,
-        "hidden_act": _HF_ACT[cfg.mlp.activation],
+        "hidden_act": activation_to_hf(cfg.mlp.activation, gelu_tanh="gelu_new"),
         "max_position_embeddings": max_position_to_hf(cfg.max_seq_len, a.rope),
         "layer_norm_eps": cfg.norm.eps,
         "use_parallel_residual": cfg.residual == "parallel",
@@ -141,70 +142,16 @@ def _config_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
     return hf
 
 
-_LAYER_RENAMES = {
-    "attention.dense": "self_attn.o_proj",
-    "mlp.dense_h_to_4h": "mlp.up_proj",
-    "mlp.dense_4h_to_h": "mlp.down_proj",
-    "input_layernorm": "input_layernorm",
-    "post_attention_layernorm": "post_attention_layernorm",
-}
-_TOP_RENAMES = {
-    "gpt_neox.embed_in.weight": "model.embed_tokens.weight",
-    "gpt_neox.final_layer_norm.weight": "model.norm.weight",
-    "gpt_neox.final_layer_norm.bias": "model.norm.bias",
-    "embed_out.weight": "lm_head.weight",
-}
-_QKV = "attention.query_key_value"
-
-
 def _state_from_hf(state: Mapping[str, torch.Tensor], cfg: DecoderConfig) -> StateDict:
     h = cfg.attention.n_heads
-    out: StateDict = {}
-    for name, t in state.items():
-        m = re.fullmatch(r"gpt_neox\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
-        if m is None:
-            out[_TOP_RENAMES.get(name, name)] = t
-            continue
-        pre, module, kind = f"model.layers.{m[1]}.", m[2], m[3]
-        if module == _QKV:
-            for proj, part in zip("qkv", split_qkv_per_head(t, h), strict=True):
-                out[f"{pre}self_attn.{proj}_proj.{kind}"] = part
-        else:
-            out[f"{pre}{_LAYER_RENAMES.get(module, module)}.{kind}"] = t
-    return out
+    return unfuse(_RENAMES.state_from_hf(state), QKV, QKV_PARTS, lambda _, t: split_qkv_per_head(t, h))
 
 
 def _state_to_hf(state: Mapping[str, torch.Tensor], cfg: DecoderConfig) -> StateDict:
     h = cfg.attention.n_heads
-    top = {v: k for k, v in _TOP_RENAMES.items()}
-    layer_renames = {v: k for k, v in _LAYER_RENAMES.items()}
-    out: StateDict = {}
-    for name, t in state.items():
-        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
-        if m is None:
-            out[top[name]] = t
-            continue
-        pre, module, kind = f"gpt_neox.layers.{m[1]}.", m[2], m[3]
-        if module in ("self_attn.k_proj", "self_attn.v_proj"):
-            continue  # fused with q_proj below
-        if module == "self_attn.q_proj":
-            qkv = [state[f"model.layers.{m[1]}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
-            out[f"{pre}{_QKV}.{kind}"] = fuse_qkv_per_head(*qkv, h)
-        else:
-            out[f"{pre}{layer_renames[module]}.{kind}"] = t
-    return out
+    return _RENAMES.state_to_hf(fuse(state, QKV_PARTS, QKV, lambda qkv: fuse_qkv_per_head(*qkv, h)))
 
 
-FAMILIES = {
-    "gpt_neox": Family(
-        name="gpt_neox",
-        model_types=("gpt_neox",),
-        architecture="GPTNeoXForCausalLM",
-        config_from_hf=_config_from_hf,
-        config_to_hf=_config_to_hf,
-        state_from_hf=_state_from_hf,
-        state_to_hf=_state_to_hf,
-        # Buffers older Pythia checkpoints saved: RoPE frequencies and the causal-mask tensors.
-        ignored_keys=("rotary_emb.inv_freq", ".attention.bias", ".attention.masked_bias"),
-    )
-}
+# Buffers older Pythia checkpoints saved: RoPE frequencies and the causal-mask tensors.
+_BUFFERS = ("rotary_emb.inv_freq", ".attention.bias", ".attention.masked_bias")
+FAMILIES = families_by_type(_ARCH, _config_from_hf, _config_to_hf, _state_from_hf, _state_to_hf, _BUFFERS)

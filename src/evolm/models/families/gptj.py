@@ -26,7 +26,6 @@ State mapping (HF -> evolm): ``transformer.wte`` -> ``model.embed_tokens``, ``tr
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,42 +33,24 @@ import torch
 
 from evolm.errors import CheckpointError, ConfigError
 from evolm.models.config import DecoderConfig
-from evolm.models.family import Family, StateDict
-from evolm.models.hf_config import activation_from_hf, extra_from_hf, need
-from evolm.nn.mlp import MLPConfig
-from evolm.nn.norm import NormConfig
+from evolm.models.family import StateDict, families_by_type
+from evolm.models.hf_config import gpt2_style_from_hf, gpt2_style_to_hf, need
+from evolm.models.renames import Renames, fuse, unfuse
 from evolm.nn.rope import RopeConfig
 from evolm.nn.self_attention import AttentionConfig
 
 _ARCH = {"gptj": "GPTJForCausalLM", "codegen": "CodeGenForCausalLM"}
-_HF_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
 _MP = 4  # CodeGen's model-parallel blocks in qkv_proj
-_RENAMES = (  # HF -> evolm, applied in order
-    (r"^transformer\.wte\.", "model.embed_tokens."),
-    (r"^transformer\.ln_f\.", "model.norm."),
-    (r"^transformer\.h\.(\d+)\.ln_1\.", r"model.layers.\1.input_layernorm."),
-    (r"^transformer\.h\.(\d+)\.attn\.out_proj\.", r"model.layers.\1.self_attn.o_proj."),
-    (r"^transformer\.h\.(\d+)\.attn\.", r"model.layers.\1.self_attn."),
-    (r"^transformer\.h\.(\d+)\.mlp\.fc_in\.", r"model.layers.\1.mlp.up_proj."),
-    (r"^transformer\.h\.(\d+)\.mlp\.fc_out\.", r"model.layers.\1.mlp.down_proj."),
+_QVK = ("attn.q_proj", "attn.v_proj", "attn.k_proj")  # CodeGen's order inside attn.qkv_proj
+_RENAMES = Renames(  # (HF, evolm), at the start of a name
+    ("transformer.wte.", "model.embed_tokens."),
+    ("transformer.ln_f.", "model.norm."),
+    ("transformer.h.{i}.ln_1.", "model.layers.{i}.input_layernorm."),
+    ("transformer.h.{i}.attn.out_proj.", "model.layers.{i}.self_attn.o_proj."),
+    ("transformer.h.{i}.attn.", "model.layers.{i}.self_attn."),
+    ("transformer.h.{i}.mlp.fc_in.", "model.layers.{i}.mlp.up_proj."),
+    ("transformer.h.{i}.mlp.fc_out.", "model.layers.{i}.mlp.down_proj."),
 )
-_BACK = (
-    (r"^model\.embed_tokens\.", "transformer.wte."),
-    (r"^model\.norm\.", "transformer.ln_f."),
-    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"transformer.h.\1.ln_1."),
-    (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"transformer.h.\1.attn.out_proj."),
-    (r"^model\.layers\.(\d+)\.self_attn\.", r"transformer.h.\1.attn."),
-    (r"^model\.layers\.(\d+)\.mlp\.up_proj\.", r"transformer.h.\1.mlp.fc_in."),
-    (r"^model\.layers\.(\d+)\.mlp\.down_proj\.", r"transformer.h.\1.mlp.fc_out."),
-)
-
-
-def _rename(name: str, table: tuple[tuple[str, str], ...]) -> str:
-    for pattern, repl in table:
-        new, n = re.subn(pattern, repl, name)
-        if n:
-            return new
-    return name
 
 
 def _config_from_hf(hf: dict) -> DecoderConfig:
@@ -84,51 +65,22 @@ def _config_from_hf(hf: dict) -> DecoderConfig:
         raise ConfigError(f"codegen n_head={n_heads} must be a multiple of {_MP} (qkv_proj's model-parallel blocks)")
     return DecoderConfig(
         family=mt,
-        vocab_size=int(need(hf, "vocab_size")),
-        hidden_size=c,
-        n_layers=int(need(hf, "n_layer", "num_hidden_layers")),
-        max_seq_len=int(need(hf, "n_positions", "max_position_embeddings")),
+        **gpt2_style_from_hf(hf, tie_embeddings=False),
         attention=AttentionConfig(
             n_heads=n_heads,
             n_kv_heads=n_heads,
             head_dim=head_dim,
             rope=RopeConfig(theta=10000.0, rotary_dim=int(rotary_dim)),
         ),
-        mlp=MLPConfig(
-            hidden_size=int(hf.get("n_inner") or 4 * c),
-            gated=False,
-            activation=activation_from_hf(hf.get("activation_function", "gelu_new")),
-            bias=True,
-        ),
-        norm=NormConfig(kind="layernorm", eps=float(hf.get("layer_norm_epsilon", 1e-5)), bias=True),
         residual="parallel",
         parallel_shared_norm=True,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         lm_head_bias=True,
-        extra=extra_from_hf(hf),
     )
 
 
 def _config_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
-    a = cfg.attention
-    hf: dict[str, Any] = {
-        "model_type": cfg.family,
-        "architectures": [_ARCH[cfg.family]],
-        "vocab_size": cfg.vocab_size,
-        "n_embd": cfg.hidden_size,
-        "n_layer": cfg.n_layers,
-        "n_head": a.n_heads,
-        "n_positions": cfg.max_seq_len,
-        "rotary_dim": a.rope.rotary_dim,
-        "n_inner": cfg.mlp.hidden_size,
-        "activation_function": _HF_ACT[cfg.mlp.activation],
-        "layer_norm_epsilon": cfg.norm.eps,
-        "tie_word_embeddings": cfg.tie_embeddings,
-    }
-    if cfg.family == "codegen":
-        hf["n_ctx"] = cfg.max_seq_len
-    hf.update(dict(cfg.extra))
-    return hf
+    codegen = {"n_ctx": cfg.max_seq_len} if cfg.family == "codegen" else {}
+    return gpt2_style_to_hf(cfg, _ARCH[cfg.family], rotary_dim=cfg.attention.rope.rotary_dim, **codegen)
 
 
 def _interleaved_to_half(cfg: DecoderConfig) -> torch.Tensor:
@@ -142,18 +94,14 @@ def _interleaved_to_half(cfg: DecoderConfig) -> torch.Tensor:
 def _state_from_hf(state: Mapping[str, torch.Tensor], cfg: DecoderConfig) -> StateDict:
     perm = _interleaved_to_half(cfg)
     c = cfg.hidden_size
-    out: StateDict = {}
-    for name, t in state.items():
-        new = _rename(name, _RENAMES)
-        if new.endswith(".self_attn.qkv_proj.weight"):  # CodeGen
-            if tuple(t.shape) != (3 * c, c):
-                raise CheckpointError(f"{name} has shape {tuple(t.shape)}; the config implies {(3 * c, c)}")
-            blocks = t.view(_MP, 3, c // _MP, c)  # (4, [q, v, k], C/4, C)
-            p = new.removesuffix(".qkv_proj.weight")
-            for j, x in enumerate("qvk"):
-                out[f"{p}.{x}_proj.weight"] = blocks[:, j].reshape(c, c)  # (C, C), heads in order
-        else:
-            out[new] = t
+
+    def split_qvk(name: str, t: torch.Tensor) -> list[torch.Tensor]:  # CodeGen
+        if tuple(t.shape) != (3 * c, c):
+            raise CheckpointError(f"{name} has shape {tuple(t.shape)}; the config implies {(3 * c, c)}")
+        blocks = t.view(_MP, 3, c // _MP, c)  # (4, [q, v, k], C/4, C)
+        return [blocks[:, j].reshape(c, c) for j in range(3)]  # (C, C) each, heads in order
+
+    out = _RENAMES.state_from_hf(unfuse(state, "attn.qkv_proj", _QVK, split_qvk, params=("weight",)))
     for name in list(out):
         if name.endswith((".self_attn.q_proj.weight", ".self_attn.k_proj.weight")):
             if out[name].shape[0] != perm.shape[0]:
@@ -165,29 +113,21 @@ def _state_from_hf(state: Mapping[str, torch.Tensor], cfg: DecoderConfig) -> Sta
 def _state_to_hf(state: Mapping[str, torch.Tensor], cfg: DecoderConfig) -> StateDict:
     inverse = torch.argsort(_interleaved_to_half(cfg))
     c = cfg.hidden_size
-    out: StateDict = {}
-    for name, t in state.items():
-        if name.endswith((".self_attn.q_proj.weight", ".self_attn.k_proj.weight")):
-            t = t[inverse]
-        out[_rename(name, _BACK)] = t
+
+    def join_qvk(parts: list[torch.Tensor]) -> torch.Tensor:  # CodeGen
+        q, v, k = (t.view(_MP, c // _MP, c) for t in parts)  # (4, C/4, C) each
+        return torch.stack([q, v, k], dim=1).reshape(3 * c, c)  # (3C, C)
+
+    out = {
+        name: t[inverse] if name.endswith((".self_attn.q_proj.weight", ".self_attn.k_proj.weight")) else t
+        for name, t in state.items()
+    }
+    out = _RENAMES.state_to_hf(out)
     if cfg.family == "codegen":
-        for name in [n for n in out if n.endswith(".attn.q_proj.weight")]:
-            p = name.removesuffix(".q_proj.weight")
-            q, v, k = (out.pop(f"{p}.{x}_proj.weight").view(_MP, c // _MP, c) for x in "qvk")  # (4, C/4, C)
-            out[f"{p}.qkv_proj.weight"] = torch.stack([q, v, k], dim=1).reshape(3 * c, c)  # (3C, C)
+        out = fuse(out, _QVK, "attn.qkv_proj", join_qvk, params=("weight",))
     return out
 
 
-FAMILIES = {
-    mt: Family(
-        name=mt,
-        model_types=(mt,),
-        architecture=arch,
-        config_from_hf=_config_from_hf,
-        config_to_hf=_config_to_hf,
-        state_from_hf=_state_from_hf,
-        state_to_hf=_state_to_hf,
-        ignored_keys=("attn.bias", "attn.masked_bias", "attn.causal_mask", "attn.embed_positions"),
-    )
-    for mt, arch in _ARCH.items()
-}
+# Causal-mask and position buffers of older checkpoints (not weights).
+_BUFFERS = ("attn.bias", "attn.masked_bias", "attn.causal_mask", "attn.embed_positions")
+FAMILIES = families_by_type(_ARCH, _config_from_hf, _config_to_hf, _state_from_hf, _state_to_hf, _BUFFERS)

@@ -16,19 +16,19 @@ from __future__ import annotations
 from typing import Any
 
 from evolm.models.config import DecoderConfig
-from evolm.models.family import Family
+from evolm.models.family import families_by_type
 from evolm.models.hf_config import (
-    activation_from_hf,
-    extra_from_hf,
+    activation_to_hf,
+    head_dim_from_hf,
+    heads_from_hf,
     layer_types_from_hf,
     layer_types_to_hf,
-    max_position_to_hf,
-    max_seq_len_from_hf,
+    llama_style_from_hf,
+    llama_style_to_hf,
+    mlp_from_hf,
     need,
     rope_from_hf,
-    rope_to_hf,
 )
-from evolm.nn.mlp import MLPConfig
 from evolm.nn.norm import NormConfig
 from evolm.nn.self_attention import AttentionConfig
 
@@ -40,14 +40,11 @@ _ARCH = {
     "olmo": "OlmoForCausalLM",
     "olmo2": "Olmo2ForCausalLM",
 }
-_HF_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
 
 
 def _config_from_hf(hf: dict) -> DecoderConfig:
     mt = hf["model_type"]
-    c = int(need(hf, "hidden_size"))
-    n_heads = int(need(hf, "num_attention_heads"))
-    head_dim = int(hf.get("head_dim") or c // n_heads)
+    head_dim = head_dim_from_hf(hf)
     n_layers = int(need(hf, "num_hidden_layers"))
     rope = rope_from_hf(hf, head_dim)
     eps = float(hf.get("rms_norm_eps", 1e-6))
@@ -79,14 +76,9 @@ def _config_from_hf(hf: dict) -> DecoderConfig:
 
     return DecoderConfig(
         family=mt,
-        vocab_size=int(need(hf, "vocab_size")),
-        hidden_size=c,
-        n_layers=n_layers,
-        max_seq_len=max_seq_len_from_hf(hf, rope),
+        **llama_style_from_hf(hf, rope, tie_embeddings=False),
         attention=AttentionConfig(
-            n_heads=n_heads,
-            n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-            head_dim=head_dim,
+            **heads_from_hf(hf, head_dim),
             qkv_bias=bias,
             out_bias=bias and mt != "qwen2",
             qk_norm=qk_norm,
@@ -94,61 +86,34 @@ def _config_from_hf(hf: dict) -> DecoderConfig:
             clip_qkv=float(clip) if clip is not None else None,
             rope=rope,
         ),
-        mlp=MLPConfig(
-            hidden_size=int(need(hf, "intermediate_size")),
-            gated=True,
-            activation=activation_from_hf(hf.get("hidden_act", "silu")),
-            bias=bool(hf.get("mlp_bias", False)),
-        ),
+        mlp=mlp_from_hf(hf, gated=True, default_act="silu", bias=bool(hf.get("mlp_bias", False))),
         norm=norm,
         residual=residual,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         sliding_window=int(window) if window is not None else None,
         layer_types=layer_types,
-        extra=extra_from_hf(hf),
     )
 
 
 def _config_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
     a, mt = cfg.attention, cfg.family
-    hf: dict[str, Any] = {
-        "model_type": mt,
-        "architectures": [_ARCH[mt]],
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.mlp.hidden_size,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": a.n_heads,
-        "num_key_value_heads": a.n_kv_heads,
-        "head_dim": a.head_dim,
-        "hidden_act": _HF_ACT[cfg.mlp.activation],
-        "max_position_embeddings": max_position_to_hf(cfg.max_seq_len, a.rope),
-        "tie_word_embeddings": cfg.tie_embeddings,
-        **rope_to_hf(a.rope, a.head_dim),
-    }
+    fields: dict[str, Any] = {"head_dim": a.head_dim, "hidden_act": activation_to_hf(cfg.mlp.activation)}
     if mt != "olmo":
-        hf["rms_norm_eps"] = cfg.norm.eps
+        fields["rms_norm_eps"] = cfg.norm.eps
     if mt in ("llama", "qwen3", "olmo", "olmo2"):
-        hf["attention_bias"] = a.qkv_bias
+        fields["attention_bias"] = a.qkv_bias
     if mt == "llama":
-        hf["mlp_bias"] = cfg.mlp.bias
+        fields["mlp_bias"] = cfg.mlp.bias
     if mt == "olmo":
-        hf["clip_qkv"] = a.clip_qkv
+        fields["clip_qkv"] = a.clip_qkv
     if mt == "mistral":
-        hf["sliding_window"] = cfg.sliding_window
+        fields["sliding_window"] = cfg.sliding_window
     if mt in ("qwen2", "qwen3"):
         types = cfg.layer_types or tuple("full" for _ in range(cfg.n_layers))
-        hf["use_sliding_window"] = cfg.sliding_window is not None
-        hf["sliding_window"] = cfg.sliding_window
-        hf["max_window_layers"] = types.index("sliding") if "sliding" in types else cfg.n_layers
-        hf["layer_types"] = layer_types_to_hf(types)
-    hf.update(dict(cfg.extra))
-    return hf
+        fields["use_sliding_window"] = cfg.sliding_window is not None
+        fields["sliding_window"] = cfg.sliding_window
+        fields["max_window_layers"] = types.index("sliding") if "sliding" in types else cfg.n_layers
+        fields["layer_types"] = layer_types_to_hf(types)
+    return llama_style_to_hf(cfg, _ARCH[mt], **fields)
 
 
-FAMILIES = {
-    mt: Family(
-        name=mt, model_types=(mt,), architecture=arch, config_from_hf=_config_from_hf, config_to_hf=_config_to_hf
-    )
-    for mt, arch in _ARCH.items()
-}
+FAMILIES = families_by_type(_ARCH, _config_from_hf, _config_to_hf)

@@ -24,22 +24,21 @@ from typing import Any
 
 from evolm.errors import ConfigError
 from evolm.models.config import DecoderConfig
-from evolm.models.family import Family
+from evolm.models.family import families_by_type
 from evolm.models.hf_config import (
-    activation_from_hf,
-    extra_from_hf,
-    max_position_to_hf,
-    max_seq_len_from_hf,
+    activation_to_hf,
+    heads_from_hf,
+    llama_style_from_hf,
+    llama_style_to_hf,
+    mlp_from_hf,
     need,
     rope_from_hf,
     rope_params,
-    rope_to_hf,
 )
-from evolm.nn.mlp import MLPConfig
 from evolm.nn.norm import NormConfig
 from evolm.nn.self_attention import AttentionConfig
 
-_HF_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
+_ARCH = {"stablelm": "StableLmForCausalLM"}
 
 
 def _config_from_hf(hf: dict) -> DecoderConfig:
@@ -58,61 +57,31 @@ def _config_from_hf(hf: dict) -> DecoderConfig:
     parallel = bool(hf.get("use_parallel_residual", False))
     return DecoderConfig(
         family="stablelm",
-        vocab_size=int(need(hf, "vocab_size")),
-        hidden_size=c,
-        n_layers=int(need(hf, "num_hidden_layers")),
-        max_seq_len=max_seq_len_from_hf(hf, rope),
+        **llama_style_from_hf(hf, rope, tie_embeddings=False),
         attention=AttentionConfig(
-            n_heads=n_heads,
-            n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-            head_dim=head_dim,
+            **heads_from_hf(hf, head_dim),
             qkv_bias=bool(hf.get("use_qkv_bias", False)),
             rope=rope,
         ),
-        mlp=MLPConfig(
-            hidden_size=int(need(hf, "intermediate_size")),
-            gated=True,
-            activation=activation_from_hf(hf.get("hidden_act", "silu")),
-        ),
+        mlp=mlp_from_hf(hf, gated=True, default_act="silu"),
         norm=NormConfig(kind="layernorm", eps=float(hf.get("layer_norm_eps", 1e-5)), bias=True),
         residual="parallel" if parallel else "pre",
         parallel_shared_norm=parallel,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        extra=extra_from_hf(hf),
     )
 
 
 def _config_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
     a = cfg.attention
-    hf: dict[str, Any] = {
-        "model_type": "stablelm",
-        "architectures": ["StableLmForCausalLM"],
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.mlp.hidden_size,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": a.n_heads,
-        "num_key_value_heads": a.n_kv_heads,
-        "hidden_act": _HF_ACT[cfg.mlp.activation],
-        "max_position_embeddings": max_position_to_hf(cfg.max_seq_len, a.rope),
-        "layer_norm_eps": cfg.norm.eps,
-        "use_qkv_bias": a.qkv_bias,
-        "use_parallel_residual": cfg.residual == "parallel",
-        "qk_layernorm": False,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        **rope_to_hf(a.rope, a.head_dim),
-    }
-    hf["partial_rotary_factor"] = a.rope.rotary_dim / a.head_dim  # always written: absent means 0.25
-    hf.update(dict(cfg.extra))
-    return hf
-
-
-FAMILIES = {
-    "stablelm": Family(
-        name="stablelm",
-        model_types=("stablelm",),
-        architecture="StableLmForCausalLM",
-        config_from_hf=_config_from_hf,
-        config_to_hf=_config_to_hf,
+    return llama_style_to_hf(
+        cfg,
+        _ARCH["stablelm"],
+        hidden_act=activation_to_hf(cfg.mlp.activation),
+        layer_norm_eps=cfg.norm.eps,
+        use_qkv_bias=a.qkv_bias,
+        use_parallel_residual=cfg.residual == "parallel",
+        qk_layernorm=False,
+        partial_rotary_factor=a.rope.rotary_dim / a.head_dim,  # always written: absent means 0.25
     )
-}
+
+
+FAMILIES = families_by_type(_ARCH, _config_from_hf, _config_to_hf)
