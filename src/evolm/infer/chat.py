@@ -102,6 +102,8 @@ class ChatSession:
             piece = decoder.step(tid)
             if piece:
                 yield piece
+        if tail := decoder.finish():
+            yield tail
         # The cache holds the prompt and every sampled token but the last (never fed back).
         self._cached_ids = (ids + reply)[: self._cache[0].length]
         self.messages.append({"role": "assistant", "content": self.tokenizer.decode(reply, skip_special_tokens=True)})

@@ -128,17 +128,33 @@ class StreamDecoder:
 
     ``step(id)`` returns the new text the id completes, or ``""`` while the bytes so far end in the
     middle of a UTF-8 character (byte-level BPE and byte-fallback tokens split characters).
+    ``finish()`` returns whatever is still held back when the stream ends (a final incomplete
+    character decodes to U+FFFD, as a full decode gives it), so the pieces always add up to
+    ``decode(ids)``.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
         from tokenizers.decoders import DecodeStream
 
         self._backend = tokenizer.backend
+        self._skip = skip_special_tokens
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self._ids: list[int] = []
+        self._emitted = 0
 
     def step(self, token_id: int) -> str:
         """Text completed by ``token_id``."""
-        return self._stream.step(self._backend, int(token_id)) or ""
+        self._ids.append(int(token_id))
+        piece = self._stream.step(self._backend, int(token_id)) or ""
+        self._emitted += len(piece)
+        return piece
+
+    def finish(self) -> str:
+        """The text held back at the end of the stream."""
+        full = self._backend.decode(self._ids, skip_special_tokens=self._skip)
+        rest = full[self._emitted :]
+        self._emitted = len(full)
+        return rest
 
 
 def _special_id(backend: tokenizers.Tokenizer, value: object) -> int | None:
