@@ -21,3 +21,7 @@ class CheckpointError(EvolmError):
 
 class UnsupportedModelError(CheckpointError):
     """A checkpoint names a model family or architecture evolm does not build."""
+
+
+class DataError(EvolmError, ValueError):
+    """A corpus file or token dataset on disk is malformed (the message names file and line)."""

