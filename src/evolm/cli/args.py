@@ -70,8 +70,11 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
             kwargs["metavar"] = "BOOL"
         elif tp in (int, float, str):
             kwargs["type"] = tp
+        elif get_origin(tp) is tuple and get_args(tp)[-1] is Ellipsis and get_args(tp)[0] in (int, float, str):
+            kwargs["type"] = get_args(tp)[0]
+            kwargs["nargs"] = "+"
         else:
-            continue  # tuples and other structured fields come from config files, not flags
+            continue  # other structured fields come from config files, not flags
         if optional:
             inner = kwargs["type"]
             kwargs["type"] = lambda s, inner=inner: None if s.lower() == "none" else inner(s)
@@ -88,7 +91,8 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, prefix: str = "", b
         if dataclasses.is_dataclass(tp):
             values[f.name] = dataclass_from_args(tp, args, name, getattr(base, f.name, None) if base else None)
         elif hasattr(args, name):
-            values[f.name] = getattr(args, name)
+            value = getattr(args, name)
+            values[f.name] = tuple(value) if isinstance(value, list) else value
         elif base is not None:
             values[f.name] = getattr(base, f.name)
     return cls(**values)

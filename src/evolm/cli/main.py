@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from evolm.cli import generate, info
+from evolm.cli import generate, info, train
 from evolm.errors import EvolmError
 
-VERBS = {"info": info, "generate": generate}
+VERBS = {"info": info, "generate": generate, "train": train}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except (EvolmError, FloatingPointError) as e:
-        print(f"evolm {args.verb}: error: {e}", file=sys.stderr)
+        verb = " ".join(filter(None, [args.verb, getattr(args, "recipe", None)]))
+        print(f"evolm {verb}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -153,12 +153,21 @@ def _assemble(
     return model.eval()
 
 
-def save_model(model: nn.Module, directory: str | Path, max_shard_size: int = 5 * 2**30) -> list[Path]:
+def save_model(
+    model: nn.Module, directory: str | Path, max_shard_size: int = 5 * 2**30, state_dict: dict | None = None
+) -> list[Path]:
     """Save ``model`` as a Hugging Face directory that ``transformers`` and ``load_model`` read.
 
     Writes ``config.json`` and ``model.safetensors`` (or numbered shards plus
     ``model.safetensors.index.json`` above ``max_shard_size`` bytes). Files are written under
     temporary names and renamed into place; other files in the directory (tokenizer) are kept.
+
+    Args:
+        model: The model (its config names the family).
+        directory: Where to write.
+        max_shard_size: Largest shard in bytes.
+        state_dict: The tensors to write instead of ``model.state_dict()`` (e.g. the gathered full
+            state of a sharded model).
 
     Returns:
         The files written.
@@ -167,7 +176,7 @@ def save_model(model: nn.Module, directory: str | Path, max_shard_size: int = 5 
     if not isinstance(cfg, DecoderConfig):
         raise TypeError(f"save_model needs an evolm model with a DecoderConfig; got {type(model).__name__}")
     family = family_for(cfg.family)
-    state = dict(model.state_dict())
+    state = dict(model.state_dict() if state_dict is None else state_dict)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     state = family.state_to_hf(state, cfg)

@@ -1,0 +1,1 @@
+"""Training: configs, the pure math of the loop, checkpoints, distribution, and the recipes."""
