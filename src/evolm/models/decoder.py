@@ -26,6 +26,7 @@ from torch import nn
 from evolm.models.config import DecoderConfig
 from evolm.nn.attention import AttentionMask
 from evolm.nn.kv_cache import KVCache, RollingKVCache
+from evolm.nn.linear import Linear
 from evolm.nn.mlp import make_mlp
 from evolm.nn.norm import make_norm
 from evolm.nn.positions import sinusoidal_positions
@@ -212,7 +213,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = DecoderBackbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from evolm.errors import ConfigError
+from evolm.nn.linear import Linear
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -54,8 +55,8 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, cfg: MLPConfig) -> None:
         super().__init__()
-        self.up_proj = nn.Linear(dim, cfg.hidden_size, bias=cfg.bias)
-        self.down_proj = nn.Linear(cfg.hidden_size, dim, bias=cfg.bias)
+        self.up_proj = Linear(dim, cfg.hidden_size, bias=cfg.bias)
+        self.down_proj = Linear(cfg.hidden_size, dim, bias=cfg.bias)
         self.act = ACTIVATIONS[cfg.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,9 +69,9 @@ class GatedMLP(nn.Module):
 
     def __init__(self, dim: int, cfg: MLPConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(dim, cfg.hidden_size, bias=cfg.bias)
-        self.up_proj = nn.Linear(dim, cfg.hidden_size, bias=cfg.bias)
-        self.down_proj = nn.Linear(cfg.hidden_size, dim, bias=cfg.bias)
+        self.gate_proj = Linear(dim, cfg.hidden_size, bias=cfg.bias)
+        self.up_proj = Linear(dim, cfg.hidden_size, bias=cfg.bias)
+        self.down_proj = Linear(cfg.hidden_size, dim, bias=cfg.bias)
         self.act = ACTIVATIONS[cfg.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch import nn
 from evolm.errors import ConfigError
 from evolm.nn.attention import AttentionMask, attend
 from evolm.nn.kv_cache import KVCache
+from evolm.nn.linear import Linear
 from evolm.nn.norm import RMSNorm
 from evolm.nn.positions import alibi_slopes
 from evolm.nn.rope import RopeConfig, apply_rope
@@ -82,10 +83,10 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.cfg = cfg
         h, k, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(dim, h * d, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(dim, k * d, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(dim, k * d, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(h * d, dim, bias=cfg.out_bias)
+        self.q_proj = Linear(dim, h * d, bias=cfg.qkv_bias)
+        self.k_proj = Linear(dim, k * d, bias=cfg.qkv_bias)
+        self.v_proj = Linear(dim, k * d, bias=cfg.qkv_bias)
+        self.o_proj = Linear(h * d, dim, bias=cfg.out_bias)
         if cfg.qk_norm == "head":
             self.q_norm = RMSNorm(d, eps=cfg.qk_norm_eps)
             self.k_norm = RMSNorm(d, eps=cfg.qk_norm_eps)
