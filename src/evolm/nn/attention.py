@@ -153,6 +153,12 @@ def attend(
         ab = alibi_bias(alibi_slopes, mask)
         bias = ab if bias is None else bias + ab
 
+    if q.shape[2] == 1 and q.dtype in (torch.bfloat16, torch.float16) and q.device.type == "cpu":
+        # The decode step: PyTorch's CPU kernels for one low-precision query are several times
+        # slower than upcasting the (small) q/k/v and running float32 SDPA (measured here, 1024
+        # keys: bf16 SDPA 629 us, bf16 matmuls 201 us, float32 SDPA with the casts 105 us).
+        out = attend(q.float(), k.float(), v.float(), mask, scale=scale, softcap=softcap, bias=bias)
+        return out.to(q.dtype)
     if softcap is None:
         if bias is None and mask.is_plain_causal():
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=n_kv != n_heads)
@@ -163,17 +169,31 @@ def attend(
             if allowed is not None:
                 attn_mask = attn_mask.masked_fill(~allowed, float("-inf"))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=n_kv != n_heads)
+    return _attend_matmul(q, k, v, mask.dense(), scale, softcap, bias)
 
-    # Score transforms SDPA cannot express: explicit matmul, softmax in float32.
-    if n_kv != n_heads:
-        k = k.repeat_interleave(n_heads // n_kv, dim=1)  # (B, H, S, D)
-        v = v.repeat_interleave(n_heads // n_kv, dim=1)
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, T, S)
-    scores = torch.tanh(scores / softcap) * softcap
+
+def _attend_matmul(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor | None,
+    scale: float,
+    softcap: float | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Explicit ``softmax(q k^T) v`` with float32 softmax, for what SDPA cannot express (soft-cap)
+    or does slowly. Query heads are grouped per key/value head (G = H / K) instead of copying
+    keys and values H / K times."""
+    b, h, t, d = q.shape
+    n_kv = k.shape[1]
+    g = h // n_kv
+    qg = q.reshape(b, n_kv, g * t, d)  # (B, K, G*T, D): query heads of one kv head side by side
+    scores = torch.matmul(qg, k.transpose(-2, -1)).view(b, h, t, -1) * scale  # (B, H, T, S)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if bias is not None:
         scores = scores + bias
-    allowed = mask.dense()
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-    return torch.matmul(probs, v)
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype).view(b, n_kv, g * t, -1)  # (B, K, G*T, S)
+    return torch.matmul(probs, v).view(b, h, t, v.shape[-1])  # (B, H, T, Dv)
