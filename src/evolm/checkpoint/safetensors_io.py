@@ -100,6 +100,9 @@ def read_safetensors_dir(directory: Path) -> TensorFiles:
 
 def _fsync_write(path: Path, writer) -> None:
     writer(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # safetensors creates files 0600; give them the usual permissions
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import tomllib
 from pathlib import Path
+
+import yaml
 
 from evolm.cli.args import add_dataclass_args, dataclass_from_args
 from evolm.errors import ConfigError
@@ -22,23 +26,31 @@ def read_config_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config {path}: no such file")
+    if p.suffix not in (".yaml", ".yml", ".toml", ".json"):
+        raise ConfigError(f"--config {path}: unknown format {p.suffix!r}; use .yaml, .toml or .json")
     text = p.read_text()
     try:
         if p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text) or {}
+            values = yaml.load(text, Loader=_YamlLoader) or {}  # a SafeLoader: plain data only
         elif p.suffix == ".toml":
             values = tomllib.loads(text)
-        elif p.suffix == ".json":
-            values = json.loads(text)
         else:
-            raise ConfigError(f"--config {path}: unknown format {p.suffix!r}; use .yaml, .toml or .json")
-    except (ValueError, tomllib.TOMLDecodeError) as e:
+            values = json.loads(text)
+    except (ValueError, yaml.YAMLError) as e:  # TOMLDecodeError and JSONDecodeError are ValueErrors
         raise ConfigError(f"--config {path}: cannot parse: {e}") from e
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected a mapping of fields at the top level")
     return values
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader (YAML 1.1) that also reads YAML 1.2 floats without a dot, such as
+    ``lr: 3e-4``, which YAML 1.1 leaves a string."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -69,7 +81,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from evolm.train.pretrain import pretrain
 
     result = pretrain(pretrain_config(args))
-    print(json.dumps({k: v for k, v in result.items() if k != "sample"}))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the same metrics
+        print(json.dumps({k: v for k, v in result.items() if k != "sample"}))
     return 0
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,8 @@ def save_checkpoint(run_dir: Path, step: int, write_files, keep_last: int) -> Pa
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".partial-step-{step:08d}-", dir=root))
+    tmp = root / f".partial-step-{step:08d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # not mkdtemp: its 0700 would make the checkpoint unreadable to anyone else
     try:
         write_files(tmp)
         _fsync_tree(tmp)

@@ -30,7 +30,7 @@ class OptimConfig:
         fused: Use PyTorch's fused AdamW kernel (None: where the device supports it).
     """
 
-    lr: float = 3e-4
+    lr: float = 1e-3
     min_lr_ratio: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -65,7 +65,7 @@ class ScheduleConfig:
     """
 
     kind: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = 50
+    warmup_steps: int = 40
     decay_fraction: float = 0.2
 
     def __post_init__(self) -> None:
@@ -111,15 +111,15 @@ class PretrainConfig:
     model: str = "llama-10m"
     tokenizer: str | None = None
     out_dir: str = "runs/pretrain"
-    steps: int = 1000
+    steps: int = 400
     grad_accum: int = 1
     precision: Literal["bf16", "fp32"] = "bf16"
     compile: bool = False
     activation_checkpointing: bool = False
-    eval_every: int = 200
+    eval_every: int = 100
     eval_batches: int = 16
     log_every: int = 10
-    save_every: int = 500
+    save_every: int = 200
     keep_last: int = 2
     seed: int = 0
     resume: Literal["auto", "always", "never"] = "auto"

@@ -14,7 +14,9 @@ Run it with ``evolm train pretrain`` (or ``torchrun ... -m evolm train pretrain`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -26,10 +28,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from evolm.data.packing import PackedDataset
+from evolm.data.packing import Batch, PackedDataset
+from evolm.data.shards import prepare_shards
 from evolm.errors import CheckpointError, ConfigError, EvolmError
 from evolm.models.build import build_model
-from evolm.models.loading import load_model, save_model
+from evolm.models.config import DecoderConfig
+from evolm.models.loading import load_config, load_model, save_model
 from evolm.models.presets import PRESETS, preset
 from evolm.nn.losses import cross_entropy_sum
 from evolm.tokenizer import Tokenizer, load_tokenizer
@@ -48,7 +52,7 @@ class TrainingDivergedError(EvolmError):
 def _check_writable(run: Path) -> None:
     try:
         run.mkdir(parents=True, exist_ok=True)
-        probe = run / ".evolm-write-test"
+        probe = run / f".evolm-write-test-{os.getpid()}"  # one per process: ranks probe at once
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -86,15 +90,23 @@ def _tokenizer(cfg: PretrainConfig, run: Path, ckpt: Path | None, world: D.World
     return load_tokenizer(tok_dir)
 
 
+def _model_config(cfg: PretrainConfig, ckpt: Path | None) -> DecoderConfig:
+    """The config of the model to train (checkpoint, preset or path), read without any weights."""
+    if ckpt is not None:
+        return load_config(ckpt)[1]
+    if cfg.model in PRESETS:
+        return preset(cfg.model)
+    if not Path(cfg.model).exists():
+        raise ConfigError(f"train.model={cfg.model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a path")
+    return load_config(cfg.model)[1]
+
+
 def _model(cfg: PretrainConfig, ckpt: Path | None) -> nn.Module:
     if ckpt is not None:
         return load_model(ckpt, dtype=torch.float32)
     if cfg.model in PRESETS:
         return build_model(preset(cfg.model), seed=cfg.seed)
-    path = Path(cfg.model)
-    if not path.exists():
-        raise ConfigError(f"train.model={cfg.model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a path")
-    return load_model(path, dtype=torch.float32)
+    return load_model(cfg.model, dtype=torch.float32)
 
 
 def _optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
@@ -128,12 +140,24 @@ def _autocast(cfg: PretrainConfig, device: torch.device):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: PackedDataset, cfg: PretrainConfig, device: torch.device) -> float:
-    """Mean validation cross-entropy over ``cfg.eval_batches`` batches (all ranks together)."""
+    """Mean validation cross-entropy over ``cfg.eval_batches`` batches (all ranks together).
+
+    Ranks hold unequal numbers of validation windows, but every FSDP forward all-gathers weights
+    on every rank: a rank out of batches runs a dummy forward until no rank has one left.
+    """
     model.eval()
     total, count = 0.0, 0.0
-    for i, batch in enumerate(data.iter_validation()):
-        if cfg.eval_batches and i >= cfg.eval_batches:
+    batches = data.iter_validation(batch_size=cfg.data.batch_size)
+    for i in itertools.count():
+        batch = next(batches, None) if not cfg.eval_batches or i < cfg.eval_batches else None
+        (ranks_with_batch,) = D.all_reduce_sum([float(batch is not None)])
+        if ranks_with_batch == 0:
             break
+        if batch is None:
+            dummy = torch.zeros(1, cfg.data.seq_len, dtype=torch.long, device=device)
+            with _autocast(cfg, device):
+                model(dummy, document_ids=dummy)
+            continue
         with _autocast(cfg, device):
             logits = model(batch.input_ids.to(device), document_ids=batch.document_ids.to(device))
         s, n = cross_entropy_sum(logits, batch.labels.to(device))
@@ -160,8 +184,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     run = Path(cfg.out_dir)
     _check_writable(run)
     ckpt = _resolve_checkpoint(cfg, run)
-    model_vocab = preset(cfg.model).vocab_size if cfg.model in PRESETS else None
-    tokenizer = _tokenizer(cfg, run, ckpt, world, model_vocab or 8192)
+    tokenizer = _tokenizer(cfg, run, ckpt, world, _model_config(cfg, ckpt).vocab_size)
     model = _model(cfg, ckpt)
     mcfg = model.cfg
     if tokenizer.vocab_size > mcfg.vocab_size:
@@ -175,7 +198,13 @@ def pretrain(cfg: PretrainConfig) -> dict:
         torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     )
     model.to(device).train()
-    data = PackedDataset.from_config(cfg.data, tokenizer, world.rank, world.world_size)
+    # One dataset batch per optimizer step, B * grad_accum rows cut into grad_accum micro-batches:
+    # epochs end on step boundaries, so the steps are those of grad_accum=1 with B * grad_accum rows.
+    data_cfg = dataclasses.replace(cfg.data, batch_size=cfg.data.batch_size * cfg.grad_accum)
+    if world.is_main:  # tokenize once, before the other ranks open the dataset
+        prepare_shards(data_cfg.sources, tokenizer, data_cfg.dataset_dir)
+    D.barrier()
+    data = PackedDataset.from_config(data_cfg, tokenizer, world.rank, world.world_size)
     n_matmul = matmul_params(model)
     fpt = flops_per_token(mcfg, n_matmul, cfg.data.seq_len)
     if cfg.activation_checkpointing:
@@ -231,7 +260,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
             )
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batches = [next(data) for _ in range(cfg.grad_accum)]
+            step_batch = next(data)  # (B * grad_accum, T) each
+            batches = [
+                Batch(*(t[i : i + cfg.data.batch_size] for t in step_batch))  # (B, T) each
+                for i in range(0, cfg.grad_accum * cfg.data.batch_size, cfg.data.batch_size)
+            ]
             n_local = sum(int((b.labels != -100).sum()) for b in batches)
             (n_global,) = D.all_reduce_sum([float(n_local)])
             scale = loss_scale(int(n_global), world.world_size)
@@ -245,19 +278,17 @@ def pretrain(cfg: PretrainConfig) -> dict:
                         logits = train_model(b.input_ids.to(device), document_ids=b.document_ids.to(device))
                     loss_sum, _ = cross_entropy_sum(logits, b.labels.to(device))
                     (loss_sum * scale).backward()
-                    loss_local += float(loss_sum)
+                    loss_local += float(loss_sum.detach())
             (loss_total,) = D.all_reduce_sum([loss_local])
             loss = loss_total / n_global
-            if not math.isfinite(loss):
+            # max_norm=inf (grad_clip 0) measures without clipping: the factor clamps to 1
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(train_model.parameters(), cfg.optim.grad_clip or math.inf))
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # before the step spreads it into the weights
+                bad = f"gradient norm is {grad_norm} (loss {loss:.4g})" if math.isfinite(loss) else f"loss is {loss}"
                 raise TrainingDivergedError(
-                    f"loss is {loss} at step {step + 1} (lr {lr:.3g}); stopping without writing a checkpoint. "
+                    f"{bad} at step {step + 1} (lr {lr:.3g}); stopping without writing a checkpoint. "
                     "Lower optim.lr, raise schedule.warmup_steps, or train in fp32 to find the cause."
                 )
-            grad_norm = (
-                float(torch.nn.utils.clip_grad_norm_(train_model.parameters(), cfg.optim.grad_clip))
-                if cfg.optim.grad_clip > 0
-                else float("nan")
-            )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
@@ -273,7 +304,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                     tokens=done * tokens_per_step,
                 )
                 t0, tokens_since = time.perf_counter(), 0
-            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+            if len(data.val_docs) and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
                 val = evaluate(train_model, data, cfg, device)
                 record.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
             logger.log(record)
@@ -283,7 +314,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
     finally:
         logger.close()
     if world.is_main and cfg.sample_prompt:
-        last["sample"] = _sample(D.unwrap(model), tokenizer, cfg, device)
+        # FSDP leaves rank 0 a shard of each weight; sample from the full weights just saved
+        plain = load_model(latest_complete(run), dtype=torch.float32).to(device) if world.mode == "fsdp" else model
+        last["sample"] = _sample(D.unwrap(plain), tokenizer, cfg, device)
         logger_text = f"sample> {cfg.sample_prompt}{last['sample']}"
         print(logger_text, flush=True)
     D.shutdown()
