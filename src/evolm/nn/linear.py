@@ -1,15 +1,30 @@
-"""``nn.Linear`` whose inference forward on CPU runs oneDNN's matmul.
+"""``nn.Linear`` whose CPU matmuls, inference and training, run oneDNN.
 
 PyTorch's CPU ``F.linear`` goes through MKL for float32; on CPUs MKL does not tune for (AMD EPYC
-here) its matrix-vector products run at a fraction of memory bandwidth, and bfloat16 products read
-an unpacked weight layout. oneDNN (which PyTorch ships as MKL-DNN) does both well: measured on
-this machine's decode shapes, float32 matrix-vector 3.5x and bfloat16 (with the weight reordered
-once into oneDNN's blocked layout) 3.4x faster than ``F.linear``. See benchmarks/README.md.
+here) its products run at a fraction of what the cores can do, and bfloat16 products read an
+unpacked weight layout. oneDNN (which PyTorch ships as MKL-DNN) does both well. Measured on this
+machine (see benchmarks/README.md):
+
+* inference, decode shapes: float32 matrix-vector 3.5x and bfloat16 (with the weight reordered
+  once into oneDNN's blocked layout) 3.4x faster than ``F.linear``;
+* training, 1024-token batches: float32 forward, input-gradient and weight-gradient products each
+  about 2x faster (a whole float32 training step 1.5x). Products under ~16M multiply-adds keep
+  ``F.linear``, whose lower per-call cost wins there. bfloat16 ``F.linear`` already runs oneDNN, so
+  training under bf16 autocast keeps ``F.linear`` too (the products measured the same).
+
+oneDNN's matmul op has no autograd formula, so training goes through ``_OneDNNLinear``, an
+``autograd.Function`` whose backward is oneDNN products too::
+
+    forward   y  = x W^T + b          (N, O) = (N, I) . (I, O)
+    backward  dx = dy W               (N, I) = (N, O) . (O, I)
+              dW = dy^T x             (O, I) = (O, N) . (N, I)
+              db = sum_n dy           (O,)
+
+Under autocast the inputs are cast first, exactly as autocast casts those of ``F.linear``, so the
+products run in the autocast dtype and the gradients of float32 master weights come back float32.
 
 The module is a subclass of ``nn.Linear`` with the same parameters and names, so checkpoints,
-PEFT adapters and quantisers that swap ``nn.Linear`` by type or name see no difference. The oneDNN
-path runs only where no gradient is needed (the op has no autograd formula); training uses
-``F.linear``.
+PEFT adapters and quantisers that swap ``nn.Linear`` by type or name see no difference.
 """
 
 from __future__ import annotations
@@ -18,19 +33,78 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-_ENABLED = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_ENABLED = _AVAILABLE
+_INFER_DTYPES = (torch.float32, torch.bfloat16)  # dtypes whose no-grad products run oneDNN
+_TRAIN_DTYPES = (torch.float32,)  # dtypes whose products with gradients run oneDNN (measured faster)
+# Below ~16M multiply-adds (rows x in x out) the Python autograd.Function and oneDNN's per-call setup
+# cost more than MKL's slower kernels: measured crossover 8-16M (1.3x faster at 16x1024x1024).
+_TRAIN_MIN_MACS = 1 << 24
+_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 def use_onednn(enabled: bool) -> bool:
-    """Turn the oneDNN inference path on or off (for comparisons); returns the previous setting."""
+    """Turn the oneDNN paths on or off (for comparisons); returns the previous setting."""
     global _ENABLED
     previous = _ENABLED
-    _ENABLED = enabled and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    _ENABLED = enabled and _AVAILABLE
     return previous
 
 
+@torch.library.custom_op("evolm::onednn_linear", mutates_args=())
+def _onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's matmul as an opaque op for torch.compile: Inductor lowers ``mkldnn._linear_pointwise``
+    only for weights frozen into the graph as constants, and these are parameters or activations."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+@_onednn_linear.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def _mm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """oneDNN ``x w^T + b``: x (..., I) (copied if not contiguous), w (O, I) with any strides -> (..., O).
+
+    Eager calls the ATen op directly (a custom op's Python dispatch costs as much as a decode-step
+    matrix-vector product); compiled graphs see the custom op.
+    """
+    if torch.compiler.is_compiling():
+        return _onednn_linear(x, w, b)
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """``F.linear`` with oneDNN products in forward and backward (no double backward)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """x (..., I), w (O, I), b (O,) or None, one dtype -> (..., O)."""
+        return _mm(x, w, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+        x, w, b = inputs
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, w = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (N, O)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _mm(g, w.t()).view(x.shape)  # (N, O) . (O, I) -> (..., I); W^T read in place
+        if ctx.needs_input_grad[1]:
+            gw = _mm(g.t(), x.reshape(-1, x.shape[-1]).t())  # (O, N) . (N, I) -> (O, I)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(0)  # (O,)
+        return gx, gw, gb
+
+
 class Linear(nn.Linear):
-    """``y = x W^T + b`` (an ``nn.Linear``), computed by oneDNN at CPU inference time."""
+    """``y = x W^T + b`` (an ``nn.Linear``), computed by oneDNN on CPU where that is faster."""
 
     _packed: tuple[tuple, torch.Tensor] | None = None
 
@@ -44,17 +118,32 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features)."""
-        w = self.weight
+        w, b = self.weight, self.bias
         if (
-            _ENABLED
-            and x.device.type == "cpu"
-            and x.dtype == w.dtype
-            and x.dtype in (torch.float32, torch.bfloat16)
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-            and not isinstance(w, nn.parameter.UninitializedParameter)
-            and type(w) in (torch.Tensor, nn.Parameter)
+            not _ENABLED
+            or x.device.type != "cpu"
+            or x.numel() == 0  # oneDNN has no primitive for empty products
+            or type(x) not in _PLAIN
+            or type(w) not in _PLAIN
+            or (b is not None and type(b) not in _PLAIN)
         ):
-            weight = self._packed_weight() if x.dtype == torch.bfloat16 else w.detach()
-            bias = self.bias.detach() if self.bias is not None else None
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
-        return F.linear(x, w, self.bias)
+            return F.linear(x, w, b)
+        autocast = torch.is_autocast_enabled("cpu")
+        dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype  # the dtype the product runs in
+        if not autocast and (w.dtype != dtype or (b is not None and b.dtype != dtype)):
+            return F.linear(x, w, b)  # raises PyTorch's own dtype-mismatch error
+        training = torch.is_grad_enabled() and (
+            x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)
+        )
+        if dtype not in (_TRAIN_DTYPES if training else _INFER_DTYPES) or (
+            training and x.numel() * w.shape[0] < _TRAIN_MIN_MACS
+        ):
+            return F.linear(x, w, b)
+        if autocast:  # cast as autocast casts F.linear's inputs; autograd routes gradients back
+            x, w = x.to(dtype), w.to(dtype)
+            b = b.to(dtype) if b is not None else None
+        if training:
+            return _OneDNNLinear.apply(x, w, b)
+        if dtype == torch.bfloat16 and w is self.weight and not torch.compiler.is_compiling():
+            w = self._packed_weight()  # a bf16 model: reorder once; an autocast copy is used as it is
+        return _mm(x, w.detach(), b.detach() if b is not None else None)
