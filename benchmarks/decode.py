@@ -11,8 +11,8 @@ Timing (the same for both libraries): ``generate`` with 1 new token (prefill + o
 N + 1 new tokens are timed back to back; their difference is N decode steps. Decode tok/s is
 ``N / median(difference)`` over ``--runs`` runs, after one warm-up.
 
-    python benchmarks/decode.py --json decode.json          # 5 runs per configuration
-    python benchmarks/decode.py --profile 32     # also profile 32 evolm decode steps per dtype
+    python benchmarks/decode.py --json decode.json   # 5 runs per configuration
+    python benchmarks/decode.py --profile 32         # also profile 32 evolm decode steps per dtype
 """
 
 from __future__ import annotations
