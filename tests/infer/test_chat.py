@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from evolm.infer.chat import ChatSession
+from evolm.infer.chat import ChatSession, turn_end_ids
 from evolm.infer.generate import generate
 
 
@@ -17,6 +17,6 @@ def test_second_turn_reuses_cache_and_matches_fresh_generation(smollm2_evolm):
     assert chat.reused_tokens > 20  # the first turn stayed in the cache
     # Fresh, uncached generation over the same rendered conversation gives the same reply.
     ids = tok.apply_chat_template(chat.messages[:-1], add_generation_prompt=True)
-    out = generate(model, torch.tensor([ids]), 12, eos_token_id=chat._stop_ids())
-    fresh = tok.decode([t for t in out[0, len(ids) :].tolist() if t not in chat._stop_ids()], skip_special_tokens=True)
+    out = generate(model, torch.tensor([ids]), 12, eos_token_id=turn_end_ids(tok))
+    fresh = tok.decode([t for t in out[0, len(ids) :].tolist() if t not in turn_end_ids(tok)], skip_special_tokens=True)
     assert second == fresh

@@ -71,12 +71,6 @@ def load(args: argparse.Namespace):
     return model, evolm.load_tokenizer(path, model=model)
 
 
-def _stop_ids(tok) -> list[int]:
-    from evolm.infer.chat import ChatSession
-
-    return ChatSession(model=None, tokenizer=tok)._stop_ids()
-
-
 def run_generate(args: argparse.Namespace) -> int:
     from evolm.infer.generate import generate_stream
 
@@ -89,7 +83,9 @@ def run_generate(args: argparse.Namespace) -> int:
         ids = tok.apply_chat_template(messages, add_generation_prompt=True)
     else:
         ids = tok.encode(args.prompt)
-    stops = _stop_ids(tok)
+    from evolm.infer.chat import turn_end_ids
+
+    stops = turn_end_ids(tok)
     decoder = tok.stream_decoder(skip_special_tokens=True)
     start, n, pieces = time.perf_counter(), 0, []
     for token in generate_stream(

@@ -18,6 +18,19 @@ from evolm.infer.generate import generate_stream
 from evolm.infer.sampling import SamplingConfig
 from evolm.tokenizer import Tokenizer
 
+_TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
+def turn_end_ids(tokenizer: Tokenizer) -> list[int]:
+    """Ids that end an assistant turn: EOS plus the end-of-turn tokens of common chat formats
+    (ChatML, Llama 3, Gemma, Phi-3) that this vocabulary has."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for end in _TURN_ENDS:
+        i = tokenizer.token_to_id(end)
+        if i is not None and i not in ids:
+            ids.append(i)
+    return ids
+
 
 @dataclass
 class ChatSession:
@@ -50,14 +63,6 @@ class ChatSession:
         if self.system:
             self.messages.append({"role": "system", "content": self.system})
 
-    def _stop_ids(self) -> list[int]:
-        ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        for end in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
-            i = self.tokenizer.token_to_id(end)
-            if i is not None and i not in ids:
-                ids.append(i)
-        return ids
-
     def send(self, text: str) -> Iterator[str]:
         """Add a user message and stream the assistant's reply as text pieces."""
         self.messages.append({"role": "user", "content": text})
@@ -79,7 +84,7 @@ class ChatSession:
         self.reused_tokens = common
         new = torch.tensor([ids[common:]])
         decoder = self.tokenizer.stream_decoder(skip_special_tokens=True)
-        stops = self._stop_ids()
+        stops = turn_end_ids(self.tokenizer)
         reply: list[int] = []
         s = self.sampling
         for token in generate_stream(
