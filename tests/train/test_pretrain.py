@@ -153,7 +153,7 @@ class InfiniteGradient(torch.autograd.Function):
 def test_non_finite_gradient_stops_before_the_update(tiny, tmp_path, monkeypatch):
     """The loss of step 3 is finite but its gradient is not: training stops before the optimizer
     step would write inf/nan into the weights, and step 3 gets no checkpoint."""
-    import evolm.train.pretrain as recipe
+    import evolm.train.objectives as objectives
 
     calls = []
 
@@ -162,8 +162,8 @@ def test_non_finite_gradient_stops_before_the_update(tiny, tmp_path, monkeypatch
         loss_sum, n = recipe_loss(logits, labels)
         return (InfiniteGradient.apply(loss_sum) if len(calls) == 3 else loss_sum), n
 
-    recipe_loss = recipe.cross_entropy_sum
-    monkeypatch.setattr(recipe, "cross_entropy_sum", cross_entropy_sum)
+    recipe_loss = objectives.cross_entropy_sum
+    monkeypatch.setattr(objectives, "cross_entropy_sum", cross_entropy_sum)
     cfg = tiny.config(tmp_path / "run", steps=5, save_every=1)
     with pytest.raises(TrainingDivergedError, match=r"gradient norm is (inf|nan) \(loss [0-9.]+\) at step 3 "):
         pretrain(cfg)

@@ -83,6 +83,8 @@ class PretrainConfig:
 
     Attributes:
         model: Preset name (``evolm.preset_names()``) or a Hugging Face model directory to continue.
+        objective: Training objective by name (``evolm.train.objectives.OBJECTIVES``): ``clm``
+            (next-token prediction) or one a family registers (masked LM, span corruption, ...).
         tokenizer: Tokenizer directory or .gguf; None trains a byte-level BPE tokenizer on the
             training data with the model's vocabulary size.
         out_dir: Run directory (config, metrics.jsonl, checkpoints).
@@ -109,6 +111,7 @@ class PretrainConfig:
     """
 
     model: str = "llama-10m"
+    objective: str = "clm"
     tokenizer: str | None = None
     out_dir: str = "runs/pretrain"
     steps: int = 400

@@ -35,7 +35,6 @@ from evolm.models.build import build_model
 from evolm.models.config import DecoderConfig
 from evolm.models.loading import load_config, load_model, save_model
 from evolm.models.presets import PRESETS, preset
-from evolm.nn.losses import cross_entropy_sum
 from evolm.tokenizer import Tokenizer, load_tokenizer
 from evolm.train import distributed as D
 from evolm.train.checkpoint import latest_complete, load_trainer_state, save_checkpoint
@@ -43,6 +42,7 @@ from evolm.train.checkpoint import save_trainer_state as write_trainer_state
 from evolm.train.config import PretrainConfig
 from evolm.train.log import RunLogger, measure_matmul_peak
 from evolm.train.math import flops_per_token, loss_scale, lr_at, matmul_params
+from evolm.train.objectives import Objective, make_objective
 
 
 class TrainingDivergedError(EvolmError):
@@ -139,14 +139,19 @@ def _autocast(cfg: PretrainConfig, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: PackedDataset, cfg: PretrainConfig, device: torch.device) -> float:
-    """Mean validation cross-entropy over ``cfg.eval_batches`` batches (all ranks together).
+def evaluate(
+    model: nn.Module, objective: Objective, data: PackedDataset, cfg: PretrainConfig, device: torch.device
+) -> float:
+    """Mean validation loss per counted token over ``cfg.eval_batches`` batches (all ranks together).
 
-    Ranks hold unequal numbers of validation windows, but every FSDP forward all-gathers weights
-    on every rank: a rank out of batches runs a dummy forward until no rank has one left.
+    Randomised objectives (masking, corruption) draw from a generator seeded with a constant, so
+    every validation pass scores the same corrupted batches. Ranks hold unequal numbers of
+    validation windows, but every FSDP forward all-gathers weights on every rank: a rank out of
+    batches runs a dummy forward until no rank has one left.
     """
     model.eval()
     total, count = 0.0, 0.0
+    generator = torch.Generator().manual_seed(cfg.seed)
     batches = data.iter_validation(batch_size=cfg.data.batch_size)
     for i in itertools.count():
         batch = next(batches, None) if not cfg.eval_batches or i < cfg.eval_batches else None
@@ -154,15 +159,16 @@ def evaluate(model: nn.Module, data: PackedDataset, cfg: PretrainConfig, device:
         if ranks_with_batch == 0:
             break
         if batch is None:
-            dummy = torch.zeros(1, cfg.data.seq_len, dtype=torch.long, device=device)
+            dummy = torch.zeros(1, cfg.data.seq_len, dtype=torch.long)
+            batch = Batch(dummy, dummy, dummy)
             with _autocast(cfg, device):
-                model(dummy, document_ids=dummy)
+                objective.loss_sum(model, objective.prepare(batch, generator), device)
             continue
+        prepared = objective.prepare(batch, generator)
         with _autocast(cfg, device):
-            logits = model(batch.input_ids.to(device), document_ids=batch.document_ids.to(device))
-        s, n = cross_entropy_sum(logits, batch.labels.to(device))
+            s, _ = objective.loss_sum(model, prepared, device)
         total += float(s)
-        count += float(n)
+        count += float(prepared.count)
     model.train()
     total, count = D.all_reduce_sum([total, count])
     return total / max(count, 1.0)
@@ -205,6 +211,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         prepare_shards(data_cfg.sources, tokenizer, data_cfg.dataset_dir)
     D.barrier()
     data = PackedDataset.from_config(data_cfg, tokenizer, world.rank, world.world_size)
+    objective = make_objective(cfg.objective, model)
     n_matmul = matmul_params(model)
     fpt = flops_per_token(mcfg, n_matmul, cfg.data.seq_len)
     if cfg.activation_checkpointing:
@@ -265,20 +272,23 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 Batch(*(t[i : i + cfg.data.batch_size] for t in step_batch))  # (B, T) each
                 for i in range(0, cfg.grad_accum * cfg.data.batch_size, cfg.data.batch_size)
             ]
-            n_local = sum(int((b.labels != -100).sum()) for b in batches)
+            prepared = [objective.prepare(b) for b in batches]
+            n_local = sum(p.count for p in prepared)
             (n_global,) = D.all_reduce_sum([float(n_local)])
             scale = loss_scale(int(n_global), world.world_size)
             loss_local = 0.0
-            for i, b in enumerate(batches):
-                final = i == len(batches) - 1
+            step_metrics: dict[str, float] = {}
+            for i, p in enumerate(prepared):
+                final = i == len(prepared) - 1
                 with D.no_sync(train_model, world, final):
                     if final:
                         D.set_sync(train_model, world)
                     with _autocast(cfg, device):
-                        logits = train_model(b.input_ids.to(device), document_ids=b.document_ids.to(device))
-                    loss_sum, _ = cross_entropy_sum(logits, b.labels.to(device))
+                        loss_sum, metrics = objective.loss_sum(train_model, p, device)
                     (loss_sum * scale).backward()
                     loss_local += float(loss_sum.detach())
+                for k, v in metrics.items():  # mean over micro-batches
+                    step_metrics[k] = step_metrics.get(k, 0.0) + v / len(prepared)
             (loss_total,) = D.all_reduce_sum([loss_local])
             loss = loss_total / n_global
             # max_norm=inf (grad_clip 0) measures without clipping: the factor clamps to 1
@@ -293,7 +303,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             tokens_since += tokens_per_step
-            record = {"step": done, "loss": loss, "lr": lr}
+            record = {"step": done, "loss": loss, "lr": lr, **step_metrics}
             if cfg.log_every and (done % cfg.log_every == 0 or done == cfg.steps):
                 elapsed = time.perf_counter() - t0
                 tps = tokens_since / elapsed
@@ -305,7 +315,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 )
                 t0, tokens_since = time.perf_counter(), 0
             if len(data.val_docs) and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
-                val = evaluate(train_model, data, cfg, device)
+                val = evaluate(train_model, objective, data, cfg, device)
                 record.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
             logger.log(record)
             last = record
@@ -313,7 +323,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 save(done)
     finally:
         logger.close()
-    if world.is_main and cfg.sample_prompt:
+    if world.is_main and cfg.sample_prompt and cfg.objective == "clm":
         # FSDP leaves rank 0 a shard of each weight; sample from the full weights just saved
         plain = load_model(latest_complete(run), dtype=torch.float32).to(device) if world.mode == "fsdp" else model
         last["sample"] = _sample(D.unwrap(plain), tokenizer, cfg, device)
