@@ -18,7 +18,7 @@ class _Aux(nn.Module):
         self.w = nn.Parameter(torch.tensor(value))
 
     def aux_loss(self):
-        return self.w * 2, {"load_max": float(self.w)}
+        return self.w * 2, {"load_max": float(self.w.detach())}
 
 
 class _Toy(nn.Module):
@@ -45,7 +45,7 @@ def test_causal_objective_counts_labelled_tokens_and_adds_weighted_aux_loss():
     ce, n = cross_entropy_sum(model(ids), labels)
     assert n == 8
     torch.testing.assert_close(loss, ce + 0.5 * 8)  # aux (2 * 0.25) is a per-token mean
-    assert metrics["router.load_max"] == 0.25 and metrics["ce_loss_sum"] == pytest.approx(float(ce))
+    assert metrics["router.load_max"] == 0.25 and metrics["ce_loss_sum"] == pytest.approx(float(ce.detach()))
     loss.backward()
     assert model.router.w.grad == pytest.approx(2 * 8)
 
