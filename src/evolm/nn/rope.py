@@ -183,7 +183,10 @@ def rope_cos_sin(
     Returns:
         ``(cos, sin)``, each (B, T, rotary_dim), already multiplied by the scaling's temperature.
     """
-    seq_len = int(positions.max().item()) + 1 if positions.numel() else 1
+    seq_len = 1
+    if cfg.scaling is not None and cfg.scaling.kind in ("dynamic", "longrope") and positions.numel():
+        # only these depend on the sequence length; reading it syncs (and breaks compiled graphs)
+        seq_len = int(positions.max().item()) + 1
     inv_freq, attn_factor = inverse_frequencies(cfg, seq_len, positions.device)
     angles = positions.float()[..., None] * inv_freq  # (B, T, rotary_dim/2)
     emb = torch.cat((angles, angles), dim=-1)  # (B, T, rotary_dim)
