@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from evolm.models.loading import load_config
+from evolm.nn.mla import MLAConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +49,7 @@ def describe(path: str | Path) -> dict:
         model = family.new_model(cfg)
     n_params = sum(t.numel() for t in model.parameters())  # tied weights are counted once
     a = cfg.attention
+    position = getattr(a, "position", "rope")  # MLA always rotates its decoupled key channels
     return {
         "path": str(p),
         "family": cfg.family,
@@ -55,19 +57,26 @@ def describe(path: str | Path) -> dict:
         "layers": cfg.n_layers,
         "hidden_size": cfg.hidden_size,
         "heads": a.n_heads,
-        "kv_heads": a.n_kv_heads,
-        "head_dim": a.head_dim,
+        "kv_heads": getattr(a, "n_kv_heads", None),  # None: MLA shares one latent across heads
+        "head_dim": getattr(a, "head_dim", None),
         "mlp_hidden": cfg.mlp.hidden_size,
         "vocab_size": cfg.vocab_size,
         "context": cfg.max_seq_len,
-        "positions": a.position if a.position != "none" else cfg.absolute_positions,
+        "positions": position if position != "none" else cfg.absolute_positions,
         "sliding_window": cfg.sliding_window,
         "tied_embeddings": cfg.tie_embeddings,
         "dtype": _checkpoint_dtype(p),
         "disk_bytes": _disk_bytes(p),
         "memory_bytes": {"float32": n_params * 4, "bfloat16": n_params * 2},
-        "kv_cache_bytes_per_token_bf16": 2 * cfg.n_layers * a.n_kv_heads * a.head_dim * 2,
+        "kv_cache_bytes_per_token_bf16": cfg.n_layers * _cache_values_per_token(a) * 2,
     }
+
+
+def _cache_values_per_token(a) -> int:
+    """Values one token adds to one layer's cache: keys and values, or MLA's latent and rope key."""
+    if isinstance(a, MLAConfig):
+        return a.cache_values_per_token
+    return 2 * a.n_kv_heads * a.head_dim
 
 
 def _human(n: float) -> str:

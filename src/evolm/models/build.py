@@ -27,6 +27,8 @@ def init_weights(model: nn.Module, std: float = 0.02) -> None:
                 m.weight.fill_(1.0)
             if m.bias is not None:
                 m.bias.zero_()
+        elif callable(getattr(m, "init_weights", None)):
+            m.init_weights(std)  # modules owning non-Linear parameters (MoE experts, routers)
 
 
 def build_model(

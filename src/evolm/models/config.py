@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from evolm.errors import ConfigError
+from evolm.nn.mla import MLAConfig
 from evolm.nn.mlp import MLPConfig
+from evolm.nn.moe import MoEConfig
 from evolm.nn.norm import NormConfig
 from evolm.nn.self_attention import AttentionConfig
 
@@ -38,8 +40,11 @@ class DecoderConfig:
         hidden_size: Model width C.
         n_layers: Number of blocks.
         max_seq_len: Longest sequence the model supports (context length).
-        attention: Self-attention configuration.
-        mlp: Feed-forward configuration.
+        attention: Self-attention configuration: ``AttentionConfig`` (multi-head, grouped-query or
+            multi-query attention) or ``MLAConfig`` (DeepSeek's multi-head latent attention).
+        mlp: Feed-forward configuration (of the dense layers, when some layers are MoE).
+        moe: Mixture-of-experts feed-forward of the MoE layers, or None (all dense).
+        moe_layers: Indices of the MoE layers, increasing; empty with ``moe`` set means every layer.
         norm: Normalisation used everywhere.
         residual: Residual topology, see above.
         parallel_shared_norm: ``parallel`` only: one norm feeds both branches.
@@ -61,7 +66,7 @@ class DecoderConfig:
     hidden_size: int
     n_layers: int
     max_seq_len: int
-    attention: AttentionConfig
+    attention: AttentionConfig | MLAConfig
     mlp: MLPConfig
     norm: NormConfig = field(default_factory=NormConfig)
     residual: Literal["pre", "post", "parallel", "sandwich", "output"] = "pre"
@@ -75,6 +80,8 @@ class DecoderConfig:
     final_softcap: float | None = None
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()
+    moe: MoEConfig | None = None
+    moe_layers: tuple[int, ...] = ()
     extra: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self) -> None:
@@ -98,6 +105,18 @@ class DecoderConfig:
                 raise ConfigError(f"layer_types contains {bad}; allowed: 'full', 'sliding'")
             if "sliding" in self.layer_types and self.sliding_window is None:
                 raise ConfigError("layer_types has 'sliding' layers but sliding_window is None")
+        if self.moe_layers:
+            if self.moe is None:
+                raise ConfigError(f"moe_layers={self.moe_layers} but moe is None; set moe or leave moe_layers empty")
+            ok = all(isinstance(i, int) and 0 <= i < self.n_layers for i in self.moe_layers)
+            if not ok or list(self.moe_layers) != sorted(set(self.moe_layers)):
+                raise ConfigError(
+                    f"moe_layers={self.moe_layers}; must be increasing layer indices in [0, n_layers={self.n_layers})"
+                )
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether ``layer``'s feed-forward is the mixture of experts ``moe`` (else the dense ``mlp``)."""
+        return self.moe is not None and (not self.moe_layers or layer in self.moe_layers)
 
     def window(self, layer: int) -> int | None:
         """Sliding-window width of ``layer``, or None for full attention."""

@@ -26,12 +26,14 @@ from torch import nn
 from evolm.models.config import DecoderConfig
 from evolm.nn.attention import AttentionMask
 from evolm.nn.kv_cache import KVCache, RollingKVCache
+from evolm.nn.latent_cache import LatentCache
 from evolm.nn.linear import Linear
+from evolm.nn.mla import MLAConfig, make_attention
 from evolm.nn.mlp import make_mlp
+from evolm.nn.moe import MoE
 from evolm.nn.norm import make_norm
 from evolm.nn.positions import sinusoidal_positions
 from evolm.nn.rope import rope_cos_sin
-from evolm.nn.self_attention import SelfAttention
 
 
 class DecoderLayer(nn.Module):
@@ -42,8 +44,8 @@ class DecoderLayer(nn.Module):
         c = cfg.hidden_size
         self.residual = cfg.residual
         self.window = cfg.window(layer)
-        self.self_attn = SelfAttention(c, cfg.attention)
-        self.mlp = make_mlp(cfg.mlp, c)
+        self.self_attn = make_attention(cfg.attention, c)
+        self.mlp = MoE(c, cfg.moe) if cfg.is_moe(layer) else make_mlp(cfg.mlp, c)
         if cfg.residual in ("pre", "parallel", "sandwich"):
             self.input_layernorm = make_norm(cfg.norm, c)
         if cfg.residual in ("pre", "post", "sandwich", "output") or (
@@ -200,7 +202,7 @@ class DecoderBackbone(nn.Module):
                     key_valid=key_valid,
                     q_doc=document_ids,
                     k_doc=document_ids,
-                    keys_are_history=c is None or isinstance(c, KVCache),
+                    keys_are_history=c is None or isinstance(c, KVCache | LatentCache),
                 )
             masks.append(shared[key])
         return masks
@@ -226,6 +228,9 @@ class CausalLM(nn.Module):
         """Empty per-layer KV caches for ``batch_size`` sequences of up to ``max_len`` tokens."""
         a, p = self.cfg.attention, self.lm_head.weight
         max_len = max_len or self.cfg.max_seq_len
+        if isinstance(a, MLAConfig):  # latent attention caches the compressed latent, not keys and values
+            r, dr = a.kv_lora_rank, a.qk_rope_head_dim
+            return [LatentCache(batch_size, max_len, r, dr, dtype or p.dtype, p.device) for _ in self.model.layers]
         caches: list[KVCache | RollingKVCache] = []
         for layer in self.model.layers:
             if layer.window is not None and layer.window < max_len:  # memory O(window), not O(max_len)
