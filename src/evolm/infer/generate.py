@@ -49,6 +49,17 @@ def _as_id_list(eos_token_id: int | Sequence[int] | None) -> list[int]:
 
 
 def _validate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, attention_mask) -> None:
+    if getattr(getattr(model, "cfg", None), "is_encoder_decoder", False):
+        raise ConfigError(
+            f"{type(model).__name__} is an encoder-decoder model: generate with "
+            "evolm.infer.seq2seq_generate.generate_seq2seq(model, input_ids, ...), which encodes the source once"
+        )
+    if not callable(getattr(model, "new_cache", None)):  # generation extends a KV cache, left to right
+        raise ConfigError(
+            f"{type(model).__name__} cannot generate text: it is not a causal language model (e.g. an "
+            "encoder-only model, whose bidirectional attention has no next-token distribution); load a "
+            "decoder checkpoint"
+        )
     cfg = model.cfg
     if (
         not isinstance(input_ids, torch.Tensor)

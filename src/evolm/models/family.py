@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,10 +18,13 @@ from torch import nn
 from evolm.errors import UnsupportedModelError
 from evolm.models.config import DecoderConfig
 
+if TYPE_CHECKING:
+    from evolm.models.encoder import EncoderConfig
+
 StateDict = dict[str, torch.Tensor]
 
 
-def _identity(state: Mapping[str, torch.Tensor], cfg: DecoderConfig) -> StateDict:
+def _identity(state: Mapping[str, torch.Tensor], cfg: DecoderConfig | EncoderConfig) -> StateDict:
     return dict(state)
 
 
@@ -47,14 +51,14 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     architecture: str
-    config_from_hf: Callable[[dict], DecoderConfig]
-    config_to_hf: Callable[[DecoderConfig], dict]
-    state_from_hf: Callable[[Mapping[str, torch.Tensor], DecoderConfig], StateDict] = _identity
-    state_to_hf: Callable[[Mapping[str, torch.Tensor], DecoderConfig], StateDict] = _identity
+    config_from_hf: Callable[[dict], DecoderConfig | EncoderConfig]
+    config_to_hf: Callable[[DecoderConfig | EncoderConfig], dict]
+    state_from_hf: Callable[[Mapping[str, torch.Tensor], DecoderConfig | EncoderConfig], StateDict] = _identity
+    state_to_hf: Callable[[Mapping[str, torch.Tensor], DecoderConfig | EncoderConfig], StateDict] = _identity
     ignored_keys: tuple[str, ...] = _BUFFERS
-    build: Callable[[DecoderConfig], nn.Module] | None = None
+    build: Callable[[DecoderConfig | EncoderConfig], nn.Module] | None = None
 
-    def new_model(self, cfg: DecoderConfig) -> nn.Module:
+    def new_model(self, cfg: DecoderConfig | EncoderConfig) -> nn.Module:
         """Construct an (uninitialised-weights) model for ``cfg`` on the current default device."""
         if self.build is not None:
             return self.build(cfg)
@@ -65,10 +69,10 @@ class Family:
 
 def families_by_type(
     architectures: Mapping[str, str],
-    config_from_hf: Callable[[dict], DecoderConfig],
-    config_to_hf: Callable[[DecoderConfig], dict],
-    state_from_hf: Callable[[Mapping[str, torch.Tensor], DecoderConfig], StateDict] = _identity,
-    state_to_hf: Callable[[Mapping[str, torch.Tensor], DecoderConfig], StateDict] = _identity,
+    config_from_hf: Callable[[dict], DecoderConfig | EncoderConfig],
+    config_to_hf: Callable[[DecoderConfig | EncoderConfig], dict],
+    state_from_hf: Callable[[Mapping[str, torch.Tensor], DecoderConfig | EncoderConfig], StateDict] = _identity,
+    state_to_hf: Callable[[Mapping[str, torch.Tensor], DecoderConfig | EncoderConfig], StateDict] = _identity,
     ignored_keys: tuple[str, ...] = _BUFFERS,
 ) -> dict[str, Family]:
     """A family module's ``FAMILIES``: one ``Family`` per HF ``model_type``, named after it.
@@ -113,6 +117,18 @@ _MODULES: dict[str, str] = {
     "stablelm": "stablelm",
     "gptj": "gptj",
     "codegen": "gptj",
+    "mixtral": "moe",
+    "qwen2_moe": "moe",
+    "qwen3_moe": "moe",
+    "t5": "t5",
+    "bart": "bart",
+    "transformer": "transformer",
+    "deepseek_v2": "deepseek",
+    "deepseek_v3": "deepseek",
+    "bert": "bert",
+    "roberta": "bert",
+    "distilbert": "bert",
+    "electra": "bert",
 }
 
 

@@ -172,9 +172,9 @@ def save_model(
     Returns:
         The files written.
     """
-    cfg: DecoderConfig | None = getattr(model, "cfg", None)
-    if not isinstance(cfg, DecoderConfig):
-        raise TypeError(f"save_model needs an evolm model with a DecoderConfig; got {type(model).__name__}")
+    cfg = getattr(model, "cfg", None)
+    if not isinstance(getattr(cfg, "family", None), str):  # DecoderConfig, EncoderConfig, ...
+        raise TypeError(f"save_model needs an evolm model with a config naming its family; got {type(model).__name__}")
     family = family_for(cfg.family)
     state = dict(model.state_dict() if state_dict is None else state_dict)
     if cfg.tie_embeddings:

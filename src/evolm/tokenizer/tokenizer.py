@@ -176,6 +176,10 @@ def _from_hf_dir(directory: Path) -> Tokenizer:
         backend = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # the library raises a bare Exception for malformed files
         raise CheckpointError(f"{path} is not a valid tokenizer.json: {e}") from e
+    # A saved tokenizer.json may carry the fixed padding/truncation it was exported with
+    # (sentence-transformers: pad to 128); encode() returns exactly the text's ids, as transformers does.
+    backend.no_padding()
+    backend.no_truncation()
     cfg: dict = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         p = directory / name

@@ -115,6 +115,11 @@ class CausalLMObjective:
 # Imported lazily, so an objective's module loads only when a run asks for it.
 OBJECTIVES: dict[str, str] = {
     "clm": "evolm.train.objectives:CausalLMObjective",
+    "mlm": "evolm.train.encoder_objectives:MaskedLMObjective",
+    "electra": "evolm.train.encoder_objectives:ElectraObjective",
+    "distil": "evolm.train.encoder_objectives:DistillationObjective",
+    "span_corruption": "evolm.train.seq2seq_objectives:span_corruption",
+    "text_infilling": "evolm.train.seq2seq_objectives:text_infilling",
 }
 
 

@@ -35,6 +35,7 @@ from evolm.models.build import build_model
 from evolm.models.config import DecoderConfig
 from evolm.models.loading import load_config, load_model, save_model
 from evolm.models.presets import PRESETS, preset
+from evolm.nn.moe import update_router_biases
 from evolm.tokenizer import Tokenizer, load_tokenizer
 from evolm.train import distributed as D
 from evolm.train.checkpoint import latest_complete, load_trainer_state, save_checkpoint
@@ -74,7 +75,14 @@ def _resolve_checkpoint(cfg: PretrainConfig, run: Path) -> Path | None:
     return latest if cfg.resume != "never" else None
 
 
-def _tokenizer(cfg: PretrainConfig, run: Path, ckpt: Path | None, world: D.World, vocab_size: int) -> Tokenizer:
+def _tokenizer(
+    cfg: PretrainConfig,
+    run: Path,
+    ckpt: Path | None,
+    world: D.World,
+    vocab_size: int,
+    special_tokens: tuple[str, ...] | None = None,
+) -> Tokenizer:
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
     if ckpt is not None and (ckpt / "tokenizer.json").is_file():
@@ -84,7 +92,8 @@ def _tokenizer(cfg: PretrainConfig, run: Path, ckpt: Path | None, world: D.World
         from evolm.data.corpus import iter_documents
         from evolm.tokenizer.train import save_tokenizer, train_tokenizer
 
-        tok = train_tokenizer(iter_documents(cfg.data.sources), kind="bpe", vocab_size=vocab_size)
+        docs = iter_documents(cfg.data.sources)
+        tok = train_tokenizer(docs, kind="bpe", vocab_size=vocab_size, special_tokens=special_tokens)
         save_tokenizer(tok, tok_dir)
     D.barrier()
     return load_tokenizer(tok_dir)
@@ -190,7 +199,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
     run = Path(cfg.out_dir)
     _check_writable(run)
     ckpt = _resolve_checkpoint(cfg, run)
-    tokenizer = _tokenizer(cfg, run, ckpt, world, _model_config(cfg, ckpt).vocab_size)
+    model_cfg = _model_config(cfg, ckpt)
+    # A model may need special tokens in a tokenizer trained for it (an encoder's <mask> for masked LM).
+    specials = getattr(model_cfg, "tokenizer_special_tokens", None)
+    tokenizer = _tokenizer(cfg, run, ckpt, world, model_cfg.vocab_size, specials)
     model = _model(cfg, ckpt)
     mcfg = model.cfg
     if tokenizer.vocab_size > mcfg.vocab_size:
@@ -225,11 +237,14 @@ def pretrain(cfg: PretrainConfig) -> dict:
         data.load_state_dict(state["data"])
         _set_rng_state(state["rng"])
         start = int(state["step"])
+    else:  # randomised objectives (masking) draw from the global RNG: seeded here, restored on resume
+        torch.manual_seed(cfg.seed)
     if world.is_main:
         (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
     if cfg.compile:
         train_model.compile()
-    peak = measure_matmul_peak(torch.bfloat16 if cfg.precision == "bf16" else torch.float32, device)
+    with torch.random.fork_rng(devices=[]):  # its random matrices must not move the (restored) RNG
+        peak = measure_matmul_peak(torch.bfloat16 if cfg.precision == "bf16" else torch.float32, device)
     logger = RunLogger(run, cfg.steps, start, world.is_main, cfg.progress, cfg.tensorboard)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.grad_accum * world.world_size
     last = {"step": start}
@@ -300,6 +315,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                     "Lower optim.lr, raise schedule.warmup_steps, or train in fp32 to find the cause."
                 )
             optimizer.step()
+            update_router_biases(train_model)  # MoE layers with bias_update_rate > 0 (DeepSeek-V3); else no-op
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             tokens_since += tokens_per_step
