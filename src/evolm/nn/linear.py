@@ -85,7 +85,7 @@ class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
         x, w, b = inputs
-        ctx.save_for_backward(x, w)
+        ctx.save_for_backward(x if w.requires_grad else None, w)  # a frozen weight (LoRA's base) needs no x
         ctx.has_bias = b is not None
 
     @staticmethod
@@ -95,7 +95,7 @@ class _OneDNNLinear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])  # (N, O)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _mm(g, w.t()).view(x.shape)  # (N, O) . (O, I) -> (..., I); W^T read in place
+            gx = _mm(g, w.t()).view(*grad.shape[:-1], w.shape[1])  # (N, O) . (O, I) -> (..., I); W^T in place
         if ctx.needs_input_grad[1]:
             gw = _mm(g.t(), x.reshape(-1, x.shape[-1]).t())  # (O, N) . (N, I) -> (O, I)
         if ctx.has_bias and ctx.needs_input_grad[2]:
