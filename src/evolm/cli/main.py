@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from evolm.cli import eval as evaluate
 from evolm.cli import generate, info, train
 from evolm.errors import EvolmError
 
-VERBS = {"info": info, "generate": generate, "train": train}
+VERBS = {"info": info, "generate": generate, "train": train, "eval": evaluate}
 
 
 def build_parser() -> argparse.ArgumentParser:
