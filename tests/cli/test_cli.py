@@ -122,3 +122,16 @@ def test_dataclass_flags_round_trip():
     add_dataclass_args(sp, SamplingConfig, "sampling")
     with pytest.raises(ConfigError, match="top_k=-3"):
         dataclass_from_args(SamplingConfig, sp.parse_args(["--sampling.top_k", "-3"]), "sampling")
+
+
+def test_pretrain_flags_keep_the_recipe_defaults_of_nested_configs():
+    """Unset nested flags take PretrainConfig's own defaults (data from the stdlib corpus), not the
+    nested class's (DataConfig alone defaults to Shakespeare)."""
+    from evolm.cli.main import build_parser
+    from evolm.cli.train import pretrain_config
+    from evolm.train.config import PretrainConfig
+
+    parse = build_parser().parse_args
+    assert pretrain_config(parse(["train", "pretrain"])) == PretrainConfig()
+    cfg = pretrain_config(parse(["train", "pretrain", "--data.seq_len", "64"]))
+    assert cfg.data.sources == ("stdlib",) and cfg.data.seq_len == 64

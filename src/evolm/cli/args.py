@@ -81,6 +81,12 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
         parser.add_argument(f"--{name}", **kwargs)
 
 
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
 def dataclass_from_args(cls: type, args: argparse.Namespace, prefix: str = "", base: Any = None) -> Any:
     """Build ``cls`` from flags set on the command line, over ``base`` (or the dataclass defaults)."""
     hints = typing.get_type_hints(cls)
@@ -89,7 +95,10 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, prefix: str = "", b
         name = f"{prefix}.{f.name}" if prefix else f.name
         tp, _ = _strip_optional(hints[f.name])
         if dataclasses.is_dataclass(tp):
-            values[f.name] = dataclass_from_args(tp, args, name, getattr(base, f.name, None) if base else None)
+            # unset flags keep the parent's default for this field (its default_factory may differ
+            # from the nested class's own defaults: pretraining's data defaults to the stdlib corpus)
+            nested = getattr(base, f.name) if base is not None else _field_default(f)
+            values[f.name] = dataclass_from_args(tp, args, name, nested)
         elif hasattr(args, name):
             value = getattr(args, name)
             values[f.name] = tuple(value) if isinstance(value, list) else value
