@@ -135,3 +135,16 @@ def test_pretrain_flags_keep_the_recipe_defaults_of_nested_configs():
     assert pretrain_config(parse(["train", "pretrain"])) == PretrainConfig()
     cfg = pretrain_config(parse(["train", "pretrain", "--data.seq_len", "64"]))
     assert cfg.data.sources == ("stdlib",) and cfg.data.seq_len == 64
+
+
+@pytest.mark.parametrize("name", ["bert-tiny", "t5-tiny", "mixtral-tiny"])
+def test_info_describes_encoder_seq2seq_and_moe_checkpoints(name, tmp_path):
+    """`evolm info` reads every kind of model evolm saves, not only decoders."""
+    import evolm
+    from evolm.cli.info import describe
+
+    model = evolm.build_model(name, seed=0)
+    evolm.save_model(model, tmp_path / name)
+    facts = describe(tmp_path / name)
+    assert facts["family"] == model.cfg.family
+    assert facts["parameters"] == sum(p.numel() for p in model.parameters())

@@ -62,8 +62,9 @@ def describe(path: str | Path) -> dict:
         "mlp_hidden": cfg.mlp.hidden_size,
         "vocab_size": cfg.vocab_size,
         "context": cfg.max_seq_len,
-        "positions": position if position != "none" else cfg.absolute_positions,
-        "sliding_window": cfg.sliding_window,
+        # encoders have learned absolute positions and no sliding window
+        "positions": position if position != "none" else getattr(cfg, "absolute_positions", "learned"),
+        "sliding_window": getattr(cfg, "sliding_window", None),
         "tied_embeddings": cfg.tie_embeddings,
         "dtype": _checkpoint_dtype(p),
         "disk_bytes": _disk_bytes(p),
