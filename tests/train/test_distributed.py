@@ -169,3 +169,26 @@ def test_fsdp_resumes_exactly_from_its_full_optimizer_state(tiny, setup, two_ran
     a, b = tiny.weights(latest_complete(run)), tiny.weights(latest_complete(straight))
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_mtp_objective_under_ddp_trains_like_one_process(tiny, tmp_path):
+    """The MTP head is used after the DDP forward (its input is the backbone's output, taken with a
+    hook): its gradients are still all-reduced, so 2 ranks give the 1-process losses."""
+    fields = {
+        "objective": "mtp",
+        "steps": 2,
+        "eval_every": 0,
+        "save_every": 0,
+        "data.sources": [tiny.small_corpus],
+        "data.seq_len": 32,
+        "optim.lr": 1e-2,
+    }
+    single = tiny.config(tmp_path / "single", **fields, **{"data.batch_size": 4})
+    pretrain(single)
+    run = tmp_path / "ddp"
+    rank_batch = {"data.batch_size": 2, "data.dataset_dir": str(tmp_path / "ds-ddp")}
+    torchrun(tiny.flags(run, distributed="ddp", **fields, **rank_batch))
+    ref, got = tiny.metrics(single.out_dir), tiny.metrics(run)
+    for step in (1, 2):
+        assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5), step
+    assert got[2]["val_loss"] == pytest.approx(ref[2]["val_loss"], rel=1e-5)

@@ -100,6 +100,16 @@ def load_model(
     return _assemble(family, cfg, files.tensors, files.origin, dtype, device, p)
 
 
+def _attach_mtp(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Re-attach a multi-token prediction head trained with evolm (``mtp.depths.K.*`` tensors,
+    objective ``mtp``) so checkpoints of such runs load, and resume, whole."""
+    depths = {int(k.split(".")[2]) for k in state if k.startswith("mtp.depths.")}
+    if depths:
+        from evolm.models.families.deepseek import build_mtp
+
+        model.mtp = build_mtp(model.cfg, max(depths) + 1)
+
+
 def _assemble(
     family: Family,
     cfg: DecoderConfig,
@@ -116,6 +126,7 @@ def _assemble(
     state = family.state_from_hf(tensors, cfg)
     with torch.device("meta"):
         model = family.new_model(cfg)
+        _attach_mtp(model, state)
     expected = dict(model.state_dict())
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight", None)

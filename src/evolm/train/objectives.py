@@ -120,6 +120,7 @@ OBJECTIVES: dict[str, str] = {
     "distil": "evolm.train.encoder_objectives:DistillationObjective",
     "span_corruption": "evolm.train.seq2seq_objectives:span_corruption",
     "text_infilling": "evolm.train.seq2seq_objectives:text_infilling",
+    "mtp": "evolm.train.mtp_objective:MultiTokenPredictionObjective",
 }
 
 

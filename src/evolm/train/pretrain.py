@@ -223,6 +223,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         prepare_shards(data_cfg.sources, tokenizer, data_cfg.dataset_dir)
     D.barrier()
     data = PackedDataset.from_config(data_cfg, tokenizer, world.rank, world.world_size)
+    if ckpt is None:  # objectives may build trained parts (an MTP head): the same on every rank and run
+        torch.manual_seed(cfg.seed)
     objective = make_objective(cfg.objective, model)
     n_matmul = matmul_params(model)
     fpt = flops_per_token(mcfg, n_matmul, cfg.data.seq_len)
