@@ -45,6 +45,19 @@ def lr_at(
     raise ValueError(f"unknown schedule {kind!r}; allowed: cosine, wsd, constant")
 
 
+def scheduled_lr(step: int, optim, schedule, total_steps: int) -> float:
+    """``lr_at`` for a recipe's ``OptimConfig`` (peak, floor ratio) and ``ScheduleConfig``."""
+    return lr_at(
+        step,
+        peak=optim.lr,
+        total_steps=total_steps,
+        warmup_steps=schedule.warmup_steps,
+        kind=schedule.kind,
+        min_ratio=optim.min_lr_ratio,
+        decay_fraction=schedule.decay_fraction,
+    )
+
+
 def loss_scale(n_tokens_global: int, world_size: int) -> float:
     """Factor turning a micro-batch's summed loss into its share of the global mean.
 

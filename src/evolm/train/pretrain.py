@@ -42,7 +42,7 @@ from evolm.train.checkpoint import latest_complete, load_trainer_state, save_che
 from evolm.train.checkpoint import save_trainer_state as write_trainer_state
 from evolm.train.config import PretrainConfig
 from evolm.train.log import RunLogger, measure_matmul_peak
-from evolm.train.math import flops_per_token, loss_scale, lr_at, matmul_params
+from evolm.train.math import flops_per_token, loss_scale, matmul_params, scheduled_lr
 from evolm.train.objectives import Objective, make_objective
 
 
@@ -273,15 +273,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     try:
         t0, tokens_since = time.perf_counter(), 0
         for step in range(start, cfg.steps):
-            lr = lr_at(
-                step,
-                peak=cfg.optim.lr,
-                total_steps=cfg.steps,
-                warmup_steps=cfg.schedule.warmup_steps,
-                kind=cfg.schedule.kind,
-                min_ratio=cfg.optim.min_lr_ratio,
-                decay_fraction=cfg.schedule.decay_fraction,
-            )
+            lr = scheduled_lr(step, cfg.optim, cfg.schedule, cfg.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_batch = next(data)  # (B * grad_accum, T) each

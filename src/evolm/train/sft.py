@@ -39,7 +39,7 @@ from evolm.nn.losses import cross_entropy_sum
 from evolm.nn.nf4 import Linear4bit, dequantize_linears, quantize_linears
 from evolm.tokenizer import Tokenizer, load_tokenizer
 from evolm.train.log import RunLogger
-from evolm.train.math import loss_scale, lr_at
+from evolm.train.math import loss_scale, scheduled_lr
 from evolm.train.pretrain import TrainingDivergedError, _checkpoint_blocks
 from evolm.train.sft_config import SFTConfig
 
@@ -186,15 +186,7 @@ def sft(cfg: SFTConfig) -> dict:
     try:
         t0, tokens_since = time.perf_counter(), 0
         for step in range(cfg.steps):
-            lr = lr_at(
-                step,
-                peak=cfg.optim.lr,
-                total_steps=cfg.steps,
-                warmup_steps=cfg.schedule.warmup_steps,
-                kind=cfg.schedule.kind,
-                min_ratio=cfg.optim.min_lr_ratio,
-                decay_fraction=cfg.schedule.decay_fraction,
-            )
+            lr = scheduled_lr(step, cfg.optim, cfg.schedule, cfg.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro = [next(batches) for _ in range(cfg.grad_accum)]
