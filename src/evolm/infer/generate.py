@@ -42,7 +42,7 @@ def decode_one_token(
     return model(token, position_ids=position_ids, attention_mask=attention_mask, cache=cache)[:, -1]
 
 
-def _as_id_list(eos_token_id: int | Sequence[int] | None) -> list[int]:
+def eos_id_list(eos_token_id: int | Sequence[int] | None) -> list[int]:
     if eos_token_id is None:
         return []
     return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(i) for i in eos_token_id]
@@ -61,20 +61,7 @@ def _validate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, at
             "decoder checkpoint"
         )
     cfg = model.cfg
-    if (
-        not isinstance(input_ids, torch.Tensor)
-        or input_ids.dim() != 2
-        or input_ids.dtype not in (torch.long, torch.int)
-    ):
-        raise ConfigError("input_ids must be an integer tensor of shape (batch, tokens)")
-    if input_ids.shape[1] == 0:
-        raise ConfigError("empty prompt: input_ids has 0 tokens; give at least one token (e.g. BOS)")
-    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ConfigError(f"max_new_tokens={max_new_tokens}; must be a positive integer")
-    lo, hi = int(input_ids.min()), int(input_ids.max())
-    if lo < 0 or hi >= cfg.vocab_size:
-        bad = lo if lo < 0 else hi
-        raise ConfigError(f"token id {bad} is out of the vocabulary; allowed ids are 0..{cfg.vocab_size - 1}")
+    check_inputs(input_ids, max_new_tokens, cfg.vocab_size, attention_mask, "prompt")
     total = input_ids.shape[1] + max_new_tokens
     if input_ids.shape[1] > cfg.max_seq_len:
         raise ConfigError(f"prompt of {input_ids.shape[1]} tokens is longer than the context length {cfg.max_seq_len}")
@@ -83,6 +70,30 @@ def _validate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, at
             f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} exceeds the context "
             f"length {cfg.max_seq_len}; lower max_new_tokens to at most {cfg.max_seq_len - input_ids.shape[1]}"
         )
+
+
+def check_inputs(
+    input_ids: torch.Tensor, max_new_tokens: int, vocab_size: int, attention_mask: torch.Tensor | None, what: str
+) -> None:
+    """The checks every generator makes of its inputs; ``what`` names them in errors (prompt, source).
+
+    Raises:
+        ConfigError: naming the bad value and what is allowed.
+    """
+    if (
+        not isinstance(input_ids, torch.Tensor)
+        or input_ids.dim() != 2
+        or input_ids.dtype not in (torch.long, torch.int)
+    ):
+        raise ConfigError("input_ids must be an integer tensor of shape (batch, tokens)")
+    if input_ids.shape[1] == 0:
+        raise ConfigError(f"empty {what}: input_ids has 0 tokens; give at least one token (e.g. BOS)")
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ConfigError(f"max_new_tokens={max_new_tokens}; must be a positive integer")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ConfigError(f"token id {bad} is out of the vocabulary; allowed ids are 0..{vocab_size - 1}")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ConfigError(
             f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
@@ -115,7 +126,7 @@ def generate_stream(
     _validate(model, input_ids, max_new_tokens, attention_mask)
     if stop_strings and tokenizer is None:
         raise ConfigError("stop_strings need the tokenizer (pass tokenizer=...) to read the generated text")
-    eos = _as_id_list(eos_token_id)
+    eos = eos_id_list(eos_token_id)
     device = model.lm_head.weight.device
     input_ids = input_ids.to(device)
     b, t = input_ids.shape

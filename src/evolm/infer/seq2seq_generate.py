@@ -34,14 +34,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from evolm.errors import ConfigError
+from evolm.infer.generate import check_inputs, eos_id_list
 
 _NEG = -1.0e9  # score of impossible or discarded hypotheses (transformers uses the same constant)
-
-
-def _eos_list(eos_token_id: int | Sequence[int] | None) -> list[int]:
-    if eos_token_id is None:
-        return []
-    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(i) for i in eos_token_id]
 
 
 def _validate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, attention_mask) -> None:
@@ -51,26 +46,10 @@ def _validate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, at
             "seq2seq generation needs an encoder-decoder model (t5, bart, transformer); "
             "use evolm.infer.generate.generate for decoder-only models"
         )
-    if (
-        not isinstance(input_ids, torch.Tensor)
-        or input_ids.dim() != 2
-        or input_ids.dtype not in (torch.long, torch.int)
-    ):
-        raise ConfigError("input_ids must be an integer tensor of shape (batch, tokens)")
-    if input_ids.shape[1] == 0:
-        raise ConfigError("empty source: input_ids has 0 tokens")
-    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ConfigError(f"max_new_tokens={max_new_tokens}; must be a positive integer")
+    check_inputs(input_ids, max_new_tokens, cfg.vocab_size, attention_mask, "source")
     if 1 + max_new_tokens > cfg.max_seq_len:
         raise ConfigError(
             f"1 start token + max_new_tokens={max_new_tokens} exceeds the decoder's max_seq_len={cfg.max_seq_len}"
-        )
-    lo, hi = int(input_ids.min()), int(input_ids.max())
-    if lo < 0 or hi >= cfg.vocab_size:
-        raise ConfigError(f"token id {lo if lo < 0 else hi} is out of the vocabulary 0..{cfg.vocab_size - 1}")
-    if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ConfigError(
-            f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
         )
 
 
@@ -105,7 +84,7 @@ def greedy_search(
     """Greedy decoding; arguments as ``generate_seq2seq``. Returns (B, 1 + n), n <= max_new_tokens."""
     cfg = model.cfg
     _validate(model, input_ids, max_new_tokens, attention_mask)
-    eos = _eos_list(cfg.eos_token_id if eos_token_id is None else eos_token_id)
+    eos = eos_id_list(cfg.eos_token_id if eos_token_id is None else eos_token_id)
     pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
     pad = pad if pad is not None else (eos[0] if eos else 0)
     b = input_ids.shape[0]
@@ -159,7 +138,7 @@ def beam_search(
         raise ConfigError(f"num_return_sequences={num_return_sequences}; must be in [1, num_beams={num_beams}]")
     if early_stopping not in (True, False, "never"):
         raise ConfigError(f"early_stopping={early_stopping!r}; allowed: True, False, 'never'")
-    eos = _eos_list(cfg.eos_token_id if eos_token_id is None else eos_token_id)
+    eos = eos_id_list(cfg.eos_token_id if eos_token_id is None else eos_token_id)
     pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
     fill = (pad or eos[0]) if eos else -1  # transformers' fill: a pad id of 0 falls back to EOS
     b, n, length = input_ids.shape[0], num_beams, 1 + max_new_tokens
