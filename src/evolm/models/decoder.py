@@ -25,7 +25,7 @@ from torch import nn
 
 from evolm.models.config import DecoderConfig
 from evolm.nn.attention import AttentionMask
-from evolm.nn.kv_cache import KVCache, RollingKVCache
+from evolm.nn.kv_cache import ContiguousCache, KVCache, RollingKVCache
 from evolm.nn.latent_cache import LatentCache
 from evolm.nn.linear import Linear
 from evolm.nn.mla import MLAConfig, make_attention
@@ -202,7 +202,7 @@ class DecoderBackbone(nn.Module):
                     key_valid=key_valid,
                     q_doc=document_ids,
                     k_doc=document_ids,
-                    keys_are_history=c is None or isinstance(c, KVCache | LatentCache),
+                    keys_are_history=c is None or isinstance(c, ContiguousCache),
                 )
             masks.append(shared[key])
         return masks

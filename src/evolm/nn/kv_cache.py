@@ -18,7 +18,42 @@ from __future__ import annotations
 import torch
 
 
-class KVCache:
+class ContiguousCache:
+    """Slot bookkeeping of a static, contiguous cache (gpt-fast): slot i holds token i.
+
+    Subclasses own the buffers and call ``_reserve`` before writing ``t`` new tokens.
+    """
+
+    def __init__(self, max_len: int, device: torch.device | str | None) -> None:
+        self.length = 0
+        self._index = torch.arange(max_len, device=device)
+
+    @property
+    def max_len(self) -> int:
+        return self._index.shape[0]
+
+    def key_index(self, t: int) -> torch.Tensor:
+        """Slot indices, (length + t,), of the rows ``update`` returns after ``t`` new tokens."""
+        return self._index[: self.length + t]
+
+    def truncate(self, n: int) -> None:
+        """Forget every token after the first ``n`` (a later update overwrites them)."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
+        self.length = n
+
+    def _reserve(self, t: int, what: str) -> int:
+        """The first slot of ``t`` new tokens; raises (cache unchanged) if they do not fit."""
+        start = self.length
+        if start + t > self.max_len:
+            raise ValueError(
+                f"{what} overflow: {start} cached + {t} new tokens > max_len={self.max_len}; "
+                "allocate the cache with a larger max_len"
+            )
+        return start
+
+
+class KVCache(ContiguousCache):
     """Static, contiguous key/value cache of one attention layer.
 
     Buffers are (B, K, max_len, D); ``length`` slots are filled.
@@ -45,22 +80,7 @@ class KVCache:
     ) -> None:
         self.k = torch.zeros(batch_size, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(batch_size, n_kv_heads, max_len, v_head_dim or head_dim, dtype=dtype, device=device)
-        self.length = 0
-        self._index = torch.arange(max_len, device=self.k.device)
-
-    def key_index(self, t: int) -> torch.Tensor:
-        """Slot indices, (length + t,), of the keys ``update`` returns after ``t`` new tokens."""
-        return self._index[: self.length + t]
-
-    def truncate(self, n: int) -> None:
-        """Forget every token after the first ``n`` (a later update overwrites them)."""
-        if not 0 <= n <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
-        self.length = n
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[2]
+        super().__init__(max_len, self.k.device)
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Append new keys/values and return everything cached so far.
@@ -77,18 +97,14 @@ class KVCache:
             ValueError: ``k``/``v`` do not match the cache's batch, heads or widths, or the cache would
                 overflow; the cache is left unchanged.
         """
-        start, t = self.length, k.shape[2]
+        t = k.shape[2]
         b, n_kv, _, d = self.k.shape
         if k.shape != (b, n_kv, t, d) or v.shape != (b, n_kv, t, self.v.shape[3]):
             raise ValueError(
                 f"KV cache update: keys {tuple(k.shape)} / values {tuple(v.shape)} do not fit a cache of "
                 f"(batch, kv_heads, slots, head_dim) = {tuple(self.k.shape)} / {tuple(self.v.shape)}"
             )
-        if start + t > self.max_len:
-            raise ValueError(
-                f"KV cache overflow: {start} cached + {t} new tokens > max_len={self.max_len}; "
-                "allocate the cache with a larger max_len"
-            )
+        start = self._reserve(t, "KV cache")
         self.k[:, :, start : start + t] = k
         self.v[:, :, start : start + t] = v
         self.length = start + t

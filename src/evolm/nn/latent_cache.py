@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import torch
 
+from evolm.nn.kv_cache import ContiguousCache
 
-class LatentCache:
+
+class LatentCache(ContiguousCache):
     """Static, contiguous latent cache of one MLA layer: slot i holds token i.
 
     Args:
@@ -45,12 +47,7 @@ class LatentCache:
     ) -> None:
         self.kv_lora_rank = kv_lora_rank
         self.latent = torch.zeros(batch_size, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
-        self.length = 0
-        self._index = torch.arange(max_len, device=self.latent.device)
-
-    @property
-    def max_len(self) -> int:
-        return self.latent.shape[1]
+        super().__init__(max_len, self.latent.device)
 
     @property
     def c_kv(self) -> torch.Tensor:
@@ -61,16 +58,6 @@ class LatentCache:
     def k_rope(self) -> torch.Tensor:
         """(B, length, Dr): the cached rotary keys, already rotated (a view)."""
         return self.latent[:, : self.length, self.kv_lora_rank :]
-
-    def key_index(self, t: int) -> torch.Tensor:
-        """Slot indices, (length + t,), of the rows ``update`` returns after ``t`` new tokens."""
-        return self._index[: self.length + t]
-
-    def truncate(self, n: int) -> None:
-        """Forget every token after the first ``n`` (a later update overwrites them)."""
-        if not 0 <= n <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
-        self.length = n
 
     def bytes_per_token(self) -> int:
         """Bytes one token occupies in this layer's cache."""
@@ -90,18 +77,14 @@ class LatentCache:
             ValueError: ``latent`` does not match the cache's batch or width, or the cache would
                 overflow; the cache is left unchanged.
         """
-        start, t = self.length, latent.shape[1]
+        t = latent.shape[1]
         b, _, w = self.latent.shape
         if latent.dim() != 3 or latent.shape[0] != b or latent.shape[2] != w:
             raise ValueError(
                 f"latent cache update: rows {tuple(latent.shape)} do not fit a cache of "
                 f"(batch, slots, kv_lora_rank + rope_dim) = {tuple(self.latent.shape)}"
             )
-        if start + t > self.max_len:
-            raise ValueError(
-                f"latent cache overflow: {start} cached + {t} new tokens > max_len={self.max_len}; "
-                "allocate the cache with a larger max_len"
-            )
+        start = self._reserve(t, "latent cache")
         self.latent[:, start : start + t] = latent
         self.length = start + t
         return self.latent[:, : self.length], self._index[: self.length]
