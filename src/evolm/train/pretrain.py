@@ -223,7 +223,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
         prepare_shards(data_cfg.sources, tokenizer, data_cfg.dataset_dir)
     D.barrier()
     data = PackedDataset.from_config(data_cfg, tokenizer, world.rank, world.world_size)
-    if ckpt is None:  # objectives may build trained parts (an MTP head): the same on every rank and run
+    if ckpt is None:
+        # the global RNG feeds objective parts built now (an MTP head: the same on every rank) and
+        # randomised objectives later (masking); a resumed run restores it from the checkpoint
         torch.manual_seed(cfg.seed)
     objective = make_objective(cfg.objective, model)
     n_matmul = matmul_params(model)
@@ -239,8 +241,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
         data.load_state_dict(state["data"])
         _set_rng_state(state["rng"])
         start = int(state["step"])
-    else:  # randomised objectives (masking) draw from the global RNG: seeded here, restored on resume
-        torch.manual_seed(cfg.seed)
     if world.is_main:
         (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
     if cfg.compile:
