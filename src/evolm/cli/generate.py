@@ -38,6 +38,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default=None, help="system prompt (chat models)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode through torch.compile over a static cache: tens of seconds to compile, then faster steps",
+    )
     p.set_defaults(run=run_generate)
 
     c = sub.add_parser("chat", help="interactive chat that keeps the conversation and its KV cache")
@@ -101,6 +106,7 @@ def run_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop_strings=args.stop,
         tokenizer=tok if args.stop else None,
+        compile=args.compile,
     ):
         tid = int(token[0])
         if tid in stops:

@@ -11,7 +11,7 @@ padded row computes exactly what it would alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -40,6 +40,24 @@ def decode_one_token(
 ) -> torch.Tensor:
     """One step: ``token`` (B, 1) at ``position_ids`` (B, 1) -> next-token logits (B, V)."""
     return model(token, position_ids=position_ids, attention_mask=attention_mask, cache=cache)[:, -1]
+
+
+_compiled_decode = None
+
+
+def compiled_decode_one_token() -> Callable:
+    """``decode_one_token`` compiled by ``torch.compile`` (fullgraph), built on first use.
+
+    With a ``StaticKVCache`` (``model.new_cache(..., static=True)``) every step has the same
+    shapes; the growing cache length is an integer Dynamo turns symbolic after its first change,
+    so a run compiles twice (tens of seconds on a CPU) and then reuses the graph for every length.
+    Inside the graph, one-row products run as multiply-and-sum loops that Inductor fuses
+    (``evolm.nn.linear._gemv``) and the per-step Python work is gone.
+    """
+    global _compiled_decode
+    if _compiled_decode is None:
+        _compiled_decode = torch.compile(decode_one_token, fullgraph=True)
+    return _compiled_decode
 
 
 def eos_id_list(eos_token_id: int | Sequence[int] | None) -> list[int]:
@@ -116,6 +134,7 @@ def generate_stream(
     stop_strings: Sequence[str] | None = None,
     tokenizer=None,
     cache: list | None = None,
+    compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), one step at a time; arguments as ``generate``.
 
@@ -155,7 +174,11 @@ def generate_stream(
     else:
         positions = torch.arange(past, past + t, device=device)[None].expand(b, t)
     if cache is None:
-        cache = model.new_cache(b, t + max_new_tokens)
+        size = t + max_new_tokens
+        if compile:  # few distinct cache shapes, so few recompiles: multiples of 256 slots
+            size = min(-(-size // 256) * 256, model.cfg.max_seq_len)
+        cache = model.new_cache(b, size, static=compile)
+    decode = compiled_decode_one_token() if compile else decode_one_token
     fill = eos[0] if eos else 0
     eos_t = torch.tensor(eos, device=device) if eos else None
     finished = torch.zeros(b, dtype=torch.bool, device=device)
@@ -183,7 +206,7 @@ def generate_stream(
             context = torch.cat([context, token[:, None]], dim=1)
         if mask is not None:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits = decode_one_token(model, token[:, None], cache, mask, next_pos)
+        logits = decode(model, token[:, None], cache, mask, next_pos)
         next_pos = next_pos + 1
 
 
@@ -202,6 +225,7 @@ def generate(
     stop_strings: Sequence[str] | None = None,
     tokenizer=None,
     cache: list | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` tokens after ``input_ids``.
 
@@ -221,6 +245,9 @@ def generate(
         tokenizer: Needed for ``stop_strings``.
         cache: Per-layer caches to extend (``model.new_cache``); ``input_ids`` then continue the
             tokens already cached (multi-turn chat). Default: a fresh cache.
+        compile: Run decode steps through ``torch.compile`` over a static cache (gpt-fast): the
+            first call compiles for tens of seconds, then each step is faster (see
+            benchmarks/README.md); worth it for long or repeated generations.
 
     Returns:
         (B, T + n) LongTensor, n <= max_new_tokens the steps run; finished rows are filled with EOS.
@@ -241,6 +268,7 @@ def generate(
             stop_strings=stop_strings,
             tokenizer=tokenizer,
             cache=cache,
+            compile=compile,
         )
     )
     new = torch.stack(steps, dim=1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)

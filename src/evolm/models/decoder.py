@@ -25,7 +25,7 @@ from torch import nn
 
 from evolm.models.config import DecoderConfig
 from evolm.nn.attention import AttentionMask
-from evolm.nn.kv_cache import ContiguousCache, KVCache, RollingKVCache
+from evolm.nn.kv_cache import KVCache, RollingKVCache, StaticKVCache
 from evolm.nn.latent_cache import LatentCache
 from evolm.nn.linear import Linear
 from evolm.nn.mla import MLAConfig, make_attention
@@ -202,7 +202,7 @@ class DecoderBackbone(nn.Module):
                     key_valid=key_valid,
                     q_doc=document_ids,
                     k_doc=document_ids,
-                    keys_are_history=c is None or isinstance(c, ContiguousCache),
+                    keys_are_history=c is None or getattr(c, "keys_are_history", False),
                 )
             masks.append(shared[key])
         return masks
@@ -224,8 +224,14 @@ class CausalLM(nn.Module):
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[KVCache]:
-        """Empty per-layer KV caches for ``batch_size`` sequences of up to ``max_len`` tokens."""
+    def new_cache(
+        self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None, static: bool = False
+    ) -> list[KVCache]:
+        """Empty per-layer KV caches for ``batch_size`` sequences of up to ``max_len`` tokens.
+
+        ``static``: full-attention layers get a ``StaticKVCache`` (decode shapes that never change,
+        for a compiled decode step).
+        """
         a, p = self.cfg.attention, self.lm_head.weight
         max_len = max_len or self.cfg.max_seq_len
         if isinstance(a, MLAConfig):  # latent attention caches the compressed latent, not keys and values
@@ -238,7 +244,8 @@ class CausalLM(nn.Module):
                     RollingKVCache(batch_size, a.n_kv_heads, layer.window, a.head_dim, dtype or p.dtype, p.device)
                 )
             else:
-                caches.append(KVCache(batch_size, a.n_kv_heads, max_len, a.head_dim, dtype or p.dtype, p.device))
+                kind = StaticKVCache if static else KVCache
+                caches.append(kind(batch_size, a.n_kv_heads, max_len, a.head_dim, dtype or p.dtype, p.device))
         return caches
 
     def forward(

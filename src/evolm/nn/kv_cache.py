@@ -5,6 +5,9 @@ pre-allocated buffers and reports the slot index of every key it returns, so the
 is built from indices, never from assumptions about layout:
 
 * ``KVCache``: static and contiguous (gpt-fast): slot i holds token i.
+* ``StaticKVCache``: the same buffers, but a one-token update returns *all* slots, written or not,
+  so a compiled decode step sees the same shapes at every length (gpt-fast); the causal rule of the
+  mask hides the slots after the query.
 * ``RollingKVCache``: a ring of ``window`` slots for sliding-window layers (Mistral; Beltagy et
   al., 2020, Longformer): memory stays O(window) however long the sequence grows.
 
@@ -22,7 +25,11 @@ class ContiguousCache:
     """Slot bookkeeping of a static, contiguous cache (gpt-fast): slot i holds token i.
 
     Subclasses own the buffers and call ``_reserve`` before writing ``t`` new tokens.
+    ``keys_are_history``: every key returned is a written slot, in order (a mask may then skip
+    the causal rule for a single query).
     """
+
+    keys_are_history = True
 
     def __init__(self, max_len: int, device: torch.device | str | None) -> None:
         self.length = 0
@@ -109,6 +116,30 @@ class KVCache(ContiguousCache):
         self.v[:, :, start : start + t] = v
         self.length = start + t
         return self.k[:, :, : self.length], self.v[:, :, : self.length], self._index[: self.length]
+
+
+class StaticKVCache(KVCache):
+    """A ``KVCache`` whose single-token updates return every slot: shapes that never change.
+
+    A compiled decode step (``torch.compile``) then runs one graph for every length instead of one
+    per length (the approach of gpt-fast). Slots after the newest token hold zeros or stale keys;
+    the causal rule of the attention mask (key slot <= query slot) hides them, so the result equals
+    ``KVCache``'s. Multi-token updates (prefill) return the written slots only, as ``KVCache`` does,
+    so the prompt does not pay attention over empty slots. Arguments as ``KVCache``.
+    """
+
+    keys_are_history = False  # a single query's keys include unwritten slots: the mask is needed
+
+    def key_index(self, t: int) -> torch.Tensor:
+        """Slot indices of the rows ``update`` returns after ``t`` new tokens: all slots when t == 1."""
+        return self._index if t == 1 else super().key_index(t)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As ``KVCache.update``, but one new token returns all ``max_len`` slots."""
+        keys, values, index = super().update(k, v)
+        if k.shape[2] == 1:
+            return self.k, self.v, self._index
+        return keys, values, index
 
 
 # Index of a ring slot not yet written: so far before any query that the window rule hides it.
