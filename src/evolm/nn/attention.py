@@ -76,12 +76,19 @@ class AttentionMask:
     def dense(self) -> torch.Tensor | None:
         """The boolean visibility matrix, (B or 1, 1, T, S), or None when everything is visible.
 
-        Computed once per mask object and reused by every layer that shares the mask.
+        Computed once per mask object and reused by every layer that shares the mask (in eager
+        mode; a compiled graph computes it once and shares it by common-subexpression elimination,
+        since Dynamo cannot trace a cached property of a frozen dataclass).
         """
+        if torch.compiler.is_compiling():
+            return self._build_dense()
         return self._dense
 
     @functools.cached_property
     def _dense(self) -> torch.Tensor | None:
+        return self._build_dense()
+
+    def _build_dense(self) -> torch.Tensor | None:
         if (
             self.keys_are_history
             and self.q_index.shape[0] == 1
@@ -168,11 +175,11 @@ def attend(
         and bias is None
         and mask.is_plain_causal()
     ):
-        # bf16 training on CPU: SDPA's bf16 backward kernel is slower than two grouped matmuls and
-        # a float32 softmax (measured here, B4 H8 K4 T256 D64 forward+backward: SDPA 26-40 ms,
-        # matmuls 20-28 ms; 1.16x on a whole 30M-parameter training step). Up to 1024 keys, where
-        # the (T, T) scores are small.
-        return _attend_matmul(q, k, v, mask.dense(), scale, None, None)
+        # bf16 training on CPU: SDPA's bf16 backward kernel is slower than grouped batched matmuls
+        # (measured here, B4 H8 K4 T256 D64 forward+backward: SDPA 26-40 ms, matmuls with a float32
+        # softmax 20-28 ms, the fused form below 8-10 ms). Up to 1024 keys, where the (T, T) scores
+        # are small.
+        return _attend_causal_bf16(q, k, v, scale)
     if softcap is None:
         if bias is None and mask.is_plain_causal():
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=n_kv != n_heads)
@@ -184,6 +191,22 @@ def attend(
                 attn_mask = attn_mask.masked_fill(~allowed, float("-inf"))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=n_kv != n_heads)
     return _attend_matmul(q, k, v, mask.dense(), scale, softcap, bias)
+
+
+def _attend_causal_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal ``softmax(q k^T) v`` for bf16 training: the scale and the causal mask ride in the
+    score product (``baddbmm``: bias + scale * q k^T) and the softmax reads and writes bf16 (its
+    kernel computes in float32), so no (T, S) float32 copy, mask or scale pass is made. Query heads
+    are grouped per key/value head as in ``_attend_matmul``."""
+    b, h, t, d = q.shape
+    n_kv, s = k.shape[1], k.shape[2]
+    g = h // n_kv
+    hidden = torch.ones(t, s, dtype=torch.bool, device=q.device).triu(s - t + 1)  # (T, S): future keys
+    bias = torch.zeros(t, s, dtype=q.dtype, device=q.device).masked_fill(hidden, float("-inf")).repeat(g, 1)
+    qg = q.reshape(b * n_kv, g * t, d)  # (B*K, G*T, D)
+    scores = torch.baddbmm(bias, qg, k.reshape(b * n_kv, s, d).transpose(1, 2), alpha=scale)  # (B*K, G*T, S)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.bmm(probs, v.reshape(b * n_kv, s, v.shape[-1])).view(b, h, t, v.shape[-1])  # (B, H, T, Dv)
 
 
 def _attend_matmul(
