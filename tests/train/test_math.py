@@ -141,6 +141,27 @@ def test_cross_entropy_sum_matches_torch_and_counts_targets():
     assert half.dtype == torch.float32 and int(n_half) == int(n)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_cross_entropy_blocks_equal_the_float32_reference(dtype):
+    """bf16/fp16 logits take the block-wise path; loss and gradient equal F.cross_entropy over the
+    float32 upcast (V = 70000 makes ~15 rows a block, so 64 rows span five blocks)."""
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(2, 32, 70000, generator=g) * 4).to(dtype)
+    labels = torch.randint(0, 70000, (2, 32), generator=g)
+    labels[0, 3:9] = IGNORE_INDEX
+    ours = base.clone().requires_grad_()
+    ref = base.clone().requires_grad_()
+    loss, n = cross_entropy_sum(ours, labels)
+    expected = F.cross_entropy(ref.float().flatten(0, 1), labels.flatten(), reduction="sum")
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    (loss / n).backward()
+    (expected / n).backward()
+    assert ours.grad.dtype == dtype
+    eps = torch.finfo(dtype).eps  # at most one rounding step apart
+    torch.testing.assert_close(ours.grad.float(), ref.grad.float(), rtol=eps, atol=1e-6)
+    assert torch.all(ours.grad[0, 3:9] == 0)
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_flops_per_token_formula(tied, tiny_llama):
     cfg = tiny_llama().replace(tie_embeddings=tied)
