@@ -179,7 +179,7 @@ def attend(
         # (measured here, B4 H8 K4 T256 D64 forward+backward: SDPA 26-40 ms, matmuls with a float32
         # softmax 20-28 ms, the fused form below 8-10 ms). Up to 1024 keys, where the (T, T) scores
         # are small.
-        return _attend_causal_bf16(q, k, v, scale)
+        return _attend_causal_bf16(q, k, v, mask.dense(), scale)
     if softcap is None:
         if bias is None and mask.is_plain_causal():
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=n_kv != n_heads)
@@ -193,16 +193,19 @@ def attend(
     return _attend_matmul(q, k, v, mask.dense(), scale, softcap, bias)
 
 
-def _attend_causal_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal ``softmax(q k^T) v`` for bf16 training: the scale and the causal mask ride in the
-    score product (``baddbmm``: bias + scale * q k^T) and the softmax reads and writes bf16 (its
-    kernel computes in float32), so no (T, S) float32 copy, mask or scale pass is made. Query heads
-    are grouped per key/value head as in ``_attend_matmul``."""
+def _attend_causal_bf16(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``softmax(q k^T) v`` under a mask shared by every query row of the batch, for bf16 training:
+    the scale and the mask (``allowed``, (1, 1, T, S), the mask's dense form) ride in the score
+    product (``baddbmm``: bias + scale * q k^T) and the softmax reads and writes bf16 (its kernel
+    computes in float32), so no (T, S) float32 copy, mask or scale pass is made. Query heads are
+    grouped per key/value head as in ``_attend_matmul``."""
     b, h, t, d = q.shape
     n_kv, s = k.shape[1], k.shape[2]
     g = h // n_kv
-    hidden = torch.ones(t, s, dtype=torch.bool, device=q.device).triu(s - t + 1)  # (T, S): future keys
-    bias = torch.zeros(t, s, dtype=q.dtype, device=q.device).masked_fill(hidden, float("-inf")).repeat(g, 1)
+    bias = torch.zeros(t, s, dtype=q.dtype, device=q.device).masked_fill(~allowed[0, 0], float("-inf"))
+    bias = bias.repeat(g, 1)  # (G*T, S): the rows of the grouped query heads
     qg = q.reshape(b * n_kv, g * t, d)  # (B*K, G*T, D)
     scores = torch.baddbmm(bias, qg, k.reshape(b * n_kv, s, d).transpose(1, 2), alpha=scale)  # (B*K, G*T, S)
     probs = torch.softmax(scores, dim=-1)
