@@ -6,8 +6,9 @@ Ainslie et al., 2023; Shazeer, 2019), T queries, S keys, D head width.
 
 Families never call SDPA themselves; they describe what each query may see (``AttentionMask``) and
 what is added to or done with the scores (ALiBi slopes, a relative-position bias, a tanh soft-cap),
-and ``attend`` chooses how to compute it. Today the backends are PyTorch SDPA (fast path) and a
-plain matmul-softmax path for score transforms SDPA cannot express (soft-capping).
+and ``attend`` chooses how to compute it. Today the backends are PyTorch SDPA (fast path), a
+plain matmul-softmax path for score transforms SDPA cannot express (soft-capping), and, inside
+compiled decode steps on AVX-512 CPUs, the one-query kernel of ``evolm.nn.decode_kernels``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
+
+from evolm.nn import decode_kernels
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,17 @@ def attend(
         ab = alibi_bias(alibi_slopes, mask)
         bias = ab if bias is None else bias + ab
 
+    if (
+        q.shape[2] == 1
+        and decode_kernels.loaded
+        and torch.compiler.is_compiling()
+        and q.device.type == "cpu"
+        and q.dtype in (torch.float32, torch.bfloat16)
+        and softcap is None
+        and bias is None
+    ):
+        # A compiled decode step: one kernel reads the cache once per key/value head, in its dtype.
+        return decode_kernels.decode_attention(q, k, v, mask.dense(), scale)
     if q.shape[2] == 1 and q.dtype in (torch.bfloat16, torch.float16) and q.device.type == "cpu":
         # The decode step: PyTorch's CPU kernels for one low-precision query are several times
         # slower than upcasting the (small) q/k/v and running float32 SDPA (measured here, 1024

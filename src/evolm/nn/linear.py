@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from evolm.nn import decode_kernels
+
 _AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _ENABLED = _AVAILABLE
 _INFER_DTYPES = (torch.float32, torch.bfloat16)  # dtypes whose no-grad products run oneDNN
@@ -162,8 +164,9 @@ class Linear(nn.Linear):
             b = b.to(dtype) if b is not None else None
         if training:
             return _OneDNNLinear.apply(x, w, b)
-        if torch.compiler.is_compiling() and not autocast and x.shape[:-1].numel() == 1:
-            return _gemv(x, w.detach(), b.detach() if b is not None else None)  # a compiled decode step
+        if torch.compiler.is_compiling() and not autocast and x.shape[:-1].numel() == 1:  # a compiled decode step
+            gemv = decode_kernels.gemv if decode_kernels.loaded else _gemv
+            return gemv(x, w.detach(), b.detach() if b is not None else None)
         if dtype == torch.bfloat16 and w is self.weight and not torch.compiler.is_compiling():
             w = self._packed_weight()  # a bf16 model: reorder once; an autocast copy is used as it is
         return _mm(x, w.detach(), b.detach() if b is not None else None)

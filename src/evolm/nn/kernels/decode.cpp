@@ -1,0 +1,301 @@
+// Kernels for one decode step on AVX-512 CPUs, registered as torch operators (evolm_kernels::) for
+// CPU and Meta tensors, so that a torch.compile graph calls each as one opaque op (loaded by
+// evolm/nn/decode_kernels.py):
+//
+//   gemv(Tensor x, Tensor w, Tensor? b) -> Tensor            y = x W^T + b, a few rows x
+//   decode_attention(Tensor q, Tensor k, Tensor v, Tensor? allowed, float scale) -> Tensor
+//
+// gemv. A decode step reads every weight once, so its speed is the rate at which one product streams its
+// weight from memory. Each weight row is read front to back with four independent accumulators (the
+// layout of a plain `sum()`, the read the bandwidth bound is measured with): one sequential stream
+// per thread, no horizontal work until the row ends. bf16 rows use AVX512_BF16's dot-product
+// instruction (pairs of bf16 products summed in float32); float32 rows use fused multiply-adds.
+// Rows are split across threads with at::parallel_for (OpenMP, the pool PyTorch's own kernels use;
+// the build must pass -fopenmp, without which at::parallel_for runs on one thread).
+//
+// decode_attention. softmax(scale q k^T) v for one query per (batch row, head) over a KV cache, with
+// grouped-query heads reading their shared key/value rows once, scores and sums in float32. Inductor
+// would otherwise either call SDPA on float32 copies of the cache (bf16) or inline the query's rotary
+// embedding into the loop over every cached key.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+namespace {
+
+constexpr int kAcc = 4;         // independent accumulators per row
+constexpr int kPrefetch = 2048;  // bytes ahead of the loads to prefetch into L1 (measured: +5-10% over none)
+
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + kPrefetch, _MM_HINT_T0); }
+
+// Dot product of one float32 weight row with x (length k).
+inline float dot_f32(const float* w, const float* x, int64_t k) {
+  __m512 a[kAcc];
+  for (int i = 0; i < kAcc; ++i) a[i] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 * kAcc <= k; j += 16 * kAcc)
+    for (int i = 0; i < kAcc; ++i) {
+      prefetch(w + j + 16 * i);
+      a[i] = _mm512_fmadd_ps(_mm512_loadu_ps(w + j + 16 * i), _mm512_loadu_ps(x + j + 16 * i), a[i]);
+    }
+  for (; j + 16 <= k; j += 16) a[0] = _mm512_fmadd_ps(_mm512_loadu_ps(w + j), _mm512_loadu_ps(x + j), a[0]);
+  if (j < k) {
+    const __mmask16 m = (__mmask16)((1u << (k - j)) - 1u);
+    a[1] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + j), _mm512_maskz_loadu_ps(m, x + j), a[1]);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+}
+
+// Dot product of one bf16 weight row with x (length k), summed in float32.
+inline float dot_bf16(const uint16_t* w, const uint16_t* x, int64_t k) {
+  __m512 a[kAcc];
+  for (int i = 0; i < kAcc; ++i) a[i] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 * kAcc <= k; j += 32 * kAcc)
+    for (int i = 0; i < kAcc; ++i) {
+      prefetch(w + j + 32 * i);
+      a[i] = _mm512_dpbf16_ps(a[i], (__m512bh)_mm512_loadu_si512(w + j + 32 * i),
+                              (__m512bh)_mm512_loadu_si512(x + j + 32 * i));
+    }
+  for (; j + 32 <= k; j += 32)
+    a[0] = _mm512_dpbf16_ps(a[0], (__m512bh)_mm512_loadu_si512(w + j), (__m512bh)_mm512_loadu_si512(x + j));
+  if (j < k) {  // masked-off lanes load zeros: their products add nothing
+    const __mmask32 m = (__mmask32)((1ull << (k - j)) - 1ull);
+    a[1] = _mm512_dpbf16_ps(a[1], (__m512bh)_mm512_maskz_loadu_epi16(m, w + j),
+                            (__m512bh)_mm512_maskz_loadu_epi16(m, x + j));
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+}
+
+at::Tensor gemv_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& b_in) {
+  TORCH_CHECK(w_in.dim() == 2, "evolm::gemv: weight must be 2-D (out, in), got ", w_in.sizes());
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == w_in.size(1), "evolm::gemv: x's last dimension (",
+              x_in.size(-1), ") must equal the weight's in-features (", w_in.size(1), ")");
+  TORCH_CHECK(x_in.scalar_type() == w_in.scalar_type(), "evolm::gemv: x is ", x_in.scalar_type(),
+              " but the weight is ", w_in.scalar_type());
+  const auto dtype = w_in.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "evolm::gemv: float32 or bfloat16 only, got ", dtype);
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  const int64_t n = w.size(0), k = w.size(1), rows = x.numel() / std::max<int64_t>(k, 1);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  at::Tensor y = at::empty(shape, x.options());
+  const float* bias = nullptr;
+  at::Tensor b;
+  if (b_in.has_value() && b_in->defined()) {
+    TORCH_CHECK(b_in->numel() == n, "evolm::gemv: bias has ", b_in->numel(), " values for ", n, " outputs");
+    b = b_in->to(at::kFloat).contiguous();
+    bias = b.data_ptr<float>();
+  }
+  if (n == 0 || rows == 0) return y;
+  // Split weight rows so that each thread's share is at least ~64 KB of weight.
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(k * w.element_size(), 1));
+  if (dtype == at::kFloat) {
+    const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
+      for (int64_t o = lo; o < hi; ++o)
+        for (int64_t r = 0; r < rows; ++r)
+          yp[r * n + o] = dot_f32(wp + o * k, xp + r * k, k) + (bias ? bias[o] : 0.0f);
+    });
+  } else {
+    const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+    const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>());
+    c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+    at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
+      for (int64_t o = lo; o < hi; ++o)
+        for (int64_t r = 0; r < rows; ++r)
+          yp[r * n + o] = c10::BFloat16(dot_bf16(wp + o * k, xp + r * k, k) + (bias ? bias[o] : 0.0f));
+    });
+  }
+  return y;
+}
+
+// Up to 16 values (lanes outside mask m read as 0), as float32; stores round back to the element type.
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
+  alignas(64) float tmp[16];
+  _mm512_store_ps(tmp, v);
+  for (int i = 0; i < 16; ++i)
+    if (m >> i & 1) p[i] = c10::BFloat16(tmp[i]);
+}
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
+}
+
+// exp(x) for float32 lanes: 2^(x log2 e) split into an integer power (applied exactly by vscalefps)
+// and 2^f, |f| <= 0.5, from a degree-6 polynomial (relative error ~2e-7). -inf lanes give 0.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // below this exp underflows to 0 anyway
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));  // f ln 2
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One (batch row, key/value head): its G query heads over S keys. Keys and values are read once per
+// query head from L1/L2 (a head's cache rows are S x D values); four accumulator registers per pass.
+template <typename T>
+void attend_group(const T* qb, const T* kb, const T* vb, const bool* keep, int64_t G, int64_t S, int64_t D,
+                  int64_t Dv, float scale, float* scores, T* ob) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* sc = scores;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < S; ++s) {
+      if (keep && !keep[s]) {
+        sc[s] = -std::numeric_limits<float>::infinity();
+        continue;
+      }
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      const T* kr = kb + s * D;
+      const T* qr = qb + g * D;
+      int64_t d = 0;
+      for (; d + 64 <= D; d += 64) {
+        a0 = _mm512_fmadd_ps(load16(qr + d, 0xFFFF), load16(kr + d, 0xFFFF), a0);
+        a1 = _mm512_fmadd_ps(load16(qr + d + 16, 0xFFFF), load16(kr + d + 16, 0xFFFF), a1);
+        a2 = _mm512_fmadd_ps(load16(qr + d + 32, 0xFFFF), load16(kr + d + 32, 0xFFFF), a2);
+        a3 = _mm512_fmadd_ps(load16(qr + d + 48, 0xFFFF), load16(kr + d + 48, 0xFFFF), a3);
+      }
+      for (; d < D; d += 16) {
+        const __mmask16 m = tail_mask(D - d);
+        a0 = _mm512_fmadd_ps(load16(qr + d, m), load16(kr + d, m), a0);
+      }
+      const float x = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))) * scale;
+      sc[s] = x;
+      mx = std::max(mx, x);
+    }
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t s = 0; s < S; s += 16) {  // probabilities (unnormalised); masked keys give exp(-inf) = 0
+      const __mmask16 m = tail_mask(S - s);
+      const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + s), _mm512_set1_ps(mx));
+      const __m512 e = _mm512_maskz_mov_ps(m & _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ), exp16(x));
+      _mm512_mask_storeu_ps(sc + s, m, e);
+      total = _mm512_add_ps(total, e);
+    }
+    const float inv = 1.0f / _mm512_reduce_add_ps(total);
+    for (int64_t d = 0; d < Dv; d += 64) {  // output columns d .. d+63
+      const __mmask16 m0 = tail_mask(Dv - d), m1 = tail_mask(Dv - d - 16), m2 = tail_mask(Dv - d - 32),
+                      m3 = tail_mask(Dv - d - 48);
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t s = 0; s < S; ++s) {
+        if (sc[s] == 0.0f) continue;  // masked (or underflowed) keys add nothing
+        const __m512 pv = _mm512_set1_ps(sc[s]);
+        const T* vr = vb + s * Dv + d;
+        a0 = _mm512_fmadd_ps(pv, load16(vr, m0), a0);
+        if (m1) a1 = _mm512_fmadd_ps(pv, load16(vr + 16, m1), a1);
+        if (m2) a2 = _mm512_fmadd_ps(pv, load16(vr + 32, m2), a2);
+        if (m3) a3 = _mm512_fmadd_ps(pv, load16(vr + 48, m3), a3);
+      }
+      const __m512 iv = _mm512_set1_ps(inv);
+      T* o = ob + g * Dv + d;
+      store16(o, _mm512_mul_ps(a0, iv), m0);
+      if (m1) store16(o + 16, _mm512_mul_ps(a1, iv), m1);
+      if (m2) store16(o + 32, _mm512_mul_ps(a2, iv), m2);
+      if (m3) store16(o + 48, _mm512_mul_ps(a3, iv), m3);
+    }
+  }
+}
+
+template <typename T>
+void attend_one_query(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* allowed,
+                      int64_t allowed_batch_stride, float scale, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), K = k.size(1), S = k.size(2), Dv = v.size(3);
+  const int64_t G = H / K;
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, B * K, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> scores(S);
+    for (int64_t bk = lo; bk < hi; ++bk) {
+      const int64_t b = bk / K;
+      attend_group<T>(qp + bk * G * D, kp + bk * S * D, vp + bk * S * Dv,
+                      allowed ? allowed + b * allowed_batch_stride : nullptr, G, S, D, Dv, scale, scores.data(),
+                      op + bk * G * Dv);
+    }
+  });
+}
+
+at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                const std::optional<at::Tensor>& allowed_in, double scale) {
+  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4,
+              "evolm::decode_attention: q, k, v must be (B, H, 1, D), (B, K, S, D), (B, K, S, Dv)");
+  TORCH_CHECK(q_in.size(2) == 1, "evolm::decode_attention: one query per row, got ", q_in.size(2));
+  TORCH_CHECK(k_in.size(0) == q_in.size(0) && v_in.size(0) == q_in.size(0) && k_in.size(1) == v_in.size(1) &&
+                  k_in.size(2) == v_in.size(2) && k_in.size(3) == q_in.size(3),
+              "evolm::decode_attention: shapes do not match: q ", q_in.sizes(), ", k ", k_in.sizes(), ", v ",
+              v_in.sizes());
+  TORCH_CHECK(k_in.size(1) > 0 && q_in.size(1) % k_in.size(1) == 0, "evolm::decode_attention: ", k_in.size(1),
+              " key/value heads do not divide ", q_in.size(1), " query heads");
+  const auto dtype = q_in.scalar_type();
+  TORCH_CHECK(k_in.scalar_type() == dtype && v_in.scalar_type() == dtype && (dtype == at::kFloat || dtype == at::kBFloat16),
+              "evolm::decode_attention: q, k, v must all be float32 or all bfloat16");
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  at::Tensor allowed;
+  const bool* ap = nullptr;
+  int64_t a_stride = 0;
+  const int64_t S = k.size(2);
+  if (allowed_in.has_value() && allowed_in->defined()) {
+    TORCH_CHECK(allowed_in->scalar_type() == at::kBool && allowed_in->size(-1) == S && allowed_in->numel() % S == 0,
+                "evolm::decode_attention: allowed must be a bool mask (B or 1, 1, 1, S), got ", allowed_in->sizes());
+    const int64_t rows = allowed_in->numel() / S;
+    TORCH_CHECK(rows == 1 || rows == q.size(0), "evolm::decode_attention: allowed has ", rows, " rows for batch ",
+                q.size(0));
+    allowed = allowed_in->contiguous();
+    ap = allowed.data_ptr<bool>();
+    a_stride = rows == 1 ? 0 : S;
+  }
+  at::Tensor out = at::empty({q.size(0), q.size(1), 1, v.size(3)}, q.options());
+  if (out.numel() == 0) return out;
+  if (dtype == at::kFloat)
+    attend_one_query<float>(q, k, v, ap, a_stride, static_cast<float>(scale), out);
+  else
+    attend_one_query<c10::BFloat16>(q, k, v, ap, a_stride, static_cast<float>(scale), out);
+  return out;
+}
+
+at::Tensor decode_attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& allowed, double scale) {
+  return at::empty({q.size(0), q.size(1), 1, v.size(3)}, q.options());
+}
+
+at::Tensor gemv_meta(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = w.size(0);
+  return at::empty(shape, x.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(evolm_kernels, m) {
+  m.def("gemv(Tensor x, Tensor w, Tensor? b) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? allowed, float scale) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(evolm_kernels, CPU, m) {
+  m.impl("gemv", gemv_cpu);
+  m.impl("decode_attention", decode_attention_cpu);
+}
+TORCH_LIBRARY_IMPL(evolm_kernels, Meta, m) {
+  m.impl("gemv", gemv_meta);
+  m.impl("decode_attention", decode_attention_meta);
+}

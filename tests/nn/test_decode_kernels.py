@@ -1,0 +1,82 @@
+"""The AVX-512 decode kernels (evolm.nn.decode_kernels) against plain PyTorch products."""
+
+import pytest
+import torch
+
+from evolm.nn import decode_kernels
+
+pytestmark = pytest.mark.skipif(
+    not decode_kernels.available(), reason="needs an x86-64 CPU with AVX-512 BF16 and a C++ compiler"
+)
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_features", [1, 37, 129, 768, 3072])
+@pytest.mark.parametrize("lead", [(1,), (1, 1), (3, 1), (2, 2)])
+def test_gemv_matches_linear(dtype, in_features, lead):
+    torch.manual_seed(0)
+    x = torch.randn(*lead, in_features).to(dtype)
+    w = torch.randn(300, in_features).to(dtype)
+    b = torch.randn(300).to(dtype)
+    for bias in (None, b):
+        ref = x.float() @ w.float().t() + (bias.float() if bias is not None else 0)
+        y = decode_kernels.gemv(x, w, bias)
+        assert y.dtype == dtype and y.shape == (*lead, 300)
+        err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+        assert err < TOL[dtype], err
+
+
+def test_gemv_strided_weight_and_bad_input():
+    w = torch.randn(64, 48)
+    x = torch.randn(1, 48)
+    torch.testing.assert_close(decode_kernels.gemv(x, w.t().contiguous().t()), x @ w.t(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="in-features"):
+        decode_kernels.gemv(torch.randn(1, 47), w)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        decode_kernels.gemv(x.double(), w.double())
+
+
+def _reference(q, k, v, allowed, scale):
+    g = q.shape[1] // k.shape[1]
+    kk, vv = k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1)
+    scores = (q.float() @ kk.transpose(-1, -2)) * scale
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.softmax(-1) @ vv
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape",  # B, H, K, S, D, Dv: GQA, MHA, MQA, head widths with tails, more than 8 heads per group
+    [
+        (1, 12, 4, 512, 64, 64),
+        (2, 8, 8, 37, 80, 80),
+        (3, 32, 4, 100, 128, 128),
+        (1, 4, 1, 5, 16, 16),
+        (2, 6, 2, 33, 20, 24),
+        (1, 40, 4, 64, 64, 64),
+        (1, 2, 1, 3, 256, 256),
+    ],
+)
+def test_decode_attention_matches_softmax_attention(dtype, shape):
+    b, h, n_kv, s, d, dv = shape
+    torch.manual_seed(0)
+    q = (torch.randn(b, h, 1, d) * 3).to(dtype)
+    k, v = torch.randn(b, n_kv, s, d).to(dtype), torch.randn(b, n_kv, s, dv).to(dtype)
+    allowed = torch.rand(b, 1, 1, s) < 0.7
+    allowed[..., 0] = True
+    for mask in (None, allowed, allowed[:1]):
+        out = decode_kernels.decode_attention(q, k, v, mask, d**-0.5)
+        assert out.dtype == dtype and out.shape == (b, h, 1, dv)
+        err = (out.float() - _reference(q, k, v, mask, d**-0.5)).abs().max().item()
+        assert err < TOL[dtype] * 2, err
+
+
+def test_decode_attention_bad_input():
+    q, k = torch.randn(1, 6, 1, 16), torch.randn(1, 4, 8, 16)
+    with pytest.raises(RuntimeError, match="do not divide"):
+        decode_kernels.decode_attention(q, k, k, None, 0.25)
+    with pytest.raises(RuntimeError, match="bool mask"):
+        decode_kernels.decode_attention(q[:, :4], k, k, torch.ones(1, 1, 1, 8), 0.25)
