@@ -59,8 +59,8 @@ def compiled_decode_one_token() -> Callable:
     each check is a Python call per step (measured here: 3-8% of a bf16 step).
     """
     global _compiled_decode
-    decode_kernels.available()
     if _compiled_decode is None:
+        decode_kernels.available()  # before tracing: the graph reads decode_kernels.loaded
         _compiled_decode = torch.compile(
             decode_one_token, fullgraph=True, options={"size_asserts": False, "alignment_asserts": False}
         )

@@ -172,7 +172,7 @@ def attend(
         and softcap is None
         and bias is None
     ):
-        # A compiled decode step: one kernel reads the cache once per key/value head, in its dtype.
+        # A compiled decode step: one kernel over the cache in its own dtype, no float32 copy.
         return decode_kernels.decode_attention(q, k, v, mask.dense(), scale)
     if q.shape[2] == 1 and q.dtype in (torch.bfloat16, torch.float16) and q.device.type == "cpu":
         # The decode step: PyTorch's CPU kernels for one low-precision query are several times

@@ -8,17 +8,18 @@ front to back with four accumulators (bf16 through AVX512_BF16's dot-product ins
 sequential stream per thread like ``sum()`` itself: 0.87-0.92 (bf16) and 0.96-0.99 (float32) of it,
 measured over the decode benchmark's weights.
 
-Attention for one query per row (``decode_attention``) reads each cached key and value row once
-for all the query heads that share it (grouped-query attention; Ainslie et al., 2023), in float32.
+Attention for one query per row (``decode_attention``) works per key/value head: the query heads
+that share it (grouped-query attention; Ainslie et al., 2023) read its cached rows in place, from
+memory once and from L1/L2 for the other heads of the group, with scores and sums in float32.
 Without it a compiled bf16 step calls SDPA on float32 copies of every layer's cache, and Inductor,
 given the product written out, recomputes the query's rotary embedding for every cached key.
 
 The C++ source is built on first use with ``torch.utils.cpp_extension`` (the compiler Inductor
-already needs; ~20 s once, then cached under ``$TORCH_EXTENSIONS_DIR``) and registers the operator
-``torch.ops.evolm_kernels.gemv`` and ``.decode_attention`` for CPU and Meta tensors, so a compiled
-graph calls each as one opaque op. Only CPUs with AVX-512F, AVX-512BW and AVX512_BF16 (Intel Cooper Lake and later, AMD
-Zen 4 and later) run it; elsewhere, or when no compiler is found, ``available()`` is False and
-callers keep ``_gemv``.
+already needs; ~7 s once here, then cached under ``$TORCH_EXTENSIONS_DIR``) and registers the
+operators ``torch.ops.evolm_kernels.gemv`` and ``.decode_attention`` for CPU and Meta tensors, so a
+compiled graph calls each as one opaque op. Only CPUs with AVX-512F, AVX-512BW and AVX512_BF16
+(Intel Cooper Lake and later, AMD Zen 4 and later) run them; elsewhere, or when no compiler is
+found, ``available()`` is False and callers keep Inductor's ``_gemv`` loop and SDPA.
 """
 
 from __future__ import annotations

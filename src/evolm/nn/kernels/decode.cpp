@@ -13,8 +13,9 @@
 // Rows are split across threads with at::parallel_for (OpenMP, the pool PyTorch's own kernels use;
 // the build must pass -fopenmp, without which at::parallel_for runs on one thread).
 //
-// decode_attention. softmax(scale q k^T) v for one query per (batch row, head) over a KV cache, with
-// grouped-query heads reading their shared key/value rows once, scores and sums in float32. Inductor
+// decode_attention. softmax(scale q k^T) v for one query per (batch row, head) over a KV cache, one
+// task per key/value head whose grouped query heads read its rows in place (from memory once, then
+// from L1/L2), scores and sums in float32. Inductor
 // would otherwise either call SDPA on float32 copies of the cache (bf16) or inline the query's rotary
 // embedding into the loop over every cached key.
 
@@ -160,8 +161,8 @@ inline __m512 exp16(__m512 x) {
 template <typename T>
 void attend_group(const T* qb, const T* kb, const T* vb, const bool* keep, int64_t G, int64_t S, int64_t D,
                   int64_t Dv, float scale, float* scores, T* ob) {
+  float* sc = scores;  // S floats, reused for each query head
   for (int64_t g = 0; g < G; ++g) {
-    float* sc = scores;
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t s = 0; s < S; ++s) {
       if (keep && !keep[s]) {
