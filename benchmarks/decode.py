@@ -246,10 +246,22 @@ def main() -> None:
 
             probe = bandwidth_probe(nbytes)
             stats, out = time_decode(hf_gen, n, args.runs, args.max_others, probe, nbytes)
-            del hf, hf_gen
-            rates += read_bandwidth(nbytes, dtype)
             rows.append({"impl": "HF", "dtype": name, **stats})
             tokens["HF", name] = out[0, t : t + n]
+            if dtype == torch.float32:
+                # from_pretrained leaves same-dtype weights on the safetensors mmap (bf16 is converted,
+                # so copied); on some hosts page-cache pages read at half speed. Time HF once more with
+                # its weights copied to anonymous memory, as evolm's loader does, so the ratio to it
+                # measures decoding, not loading.
+                with torch.no_grad():
+                    for p in hf.parameters():
+                        p.data = p.data.clone()
+                hf.tie_weights()
+                stats, out = time_decode(hf_gen, n, args.runs, args.max_others, probe, nbytes)
+                rows.append({"impl": "HF weights copied", "dtype": name, **stats})
+                tokens["HF weights copied", name] = out[0, t : t + n]
+            del hf, hf_gen
+            rates += read_bandwidth(nbytes, dtype)
             model = evolm.load_model(tmp, dtype=dtype)
             for impl, compiled in (("evolm", False), ("evolm compiled", True)):
                 stats, out = time_decode(
@@ -267,7 +279,7 @@ def main() -> None:
             del model, probe
             rates += read_bandwidth(nbytes, dtype)
             bw, bw_med = max(rates), statistics.median(rates)
-            for r in rows[-3:]:
+            for r in (r for r in rows if r["dtype"] == name):
                 r.update(
                     weight_bytes=nbytes,
                     bandwidth_gbs=bw / 1e9,
@@ -277,6 +289,7 @@ def main() -> None:
                 )
 
     base = rows[0]["tok_s"]
+    copied = next(r["tok_s"] for r in rows if r["impl"] == "HF weights copied")
     head = [
         "impl",
         "dtype",
@@ -295,6 +308,7 @@ def main() -> None:
     print("\n" + " ".join(f"{h:>{max(len(h), 6)}}" for h in head))
     for r in rows:
         r["x_hf_fp32"] = r["tok_s"] / base
+        r["x_hf_fp32_copied"] = r["tok_s"] / copied
         cells = [
             r["impl"],
             r["dtype"],
@@ -334,12 +348,13 @@ def main() -> None:
 
     print("\ntargets:")
     for r in rows:
-        if r["impl"] != "HF":
+        if r["impl"].startswith("evolm"):
             goal = TARGETS[r["dtype"]]
             print(
                 f"  {r['impl']} {r['dtype']}: {r['x_hf_fp32']:.2f}x HF fp32 (target >= {goal}x: "
-                f"{'met' if r['x_hf_fp32'] >= goal else 'MISSED'}); {r['of_bound']:.0%} of the bandwidth bound "
-                f"(target >= {BOUND_TARGET:.0%}: {'met' if r['of_bound'] >= BOUND_TARGET else 'MISSED'})"
+                f"{'met' if r['x_hf_fp32'] >= goal else 'MISSED'}; {r['x_hf_fp32_copied']:.2f}x HF fp32 with "
+                f"weights copied: {'met' if r['x_hf_fp32_copied'] >= goal else 'MISSED'}); {r['of_bound']:.0%} of "
+                f"the bandwidth bound (target >= {BOUND_TARGET:.0%}: {'met' if r['of_bound'] >= BOUND_TARGET else 'MISSED'})"
             )
     for name, table in profiles.items():
         print(f"\nevolm {name}, {args.profile} decode steps, top ops by self CPU time:\n{table}")

@@ -153,9 +153,14 @@ def _assemble(
                     else ""
                 )
             )
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
-    if device is not None:
-        state = {k: v.to(device) for k, v in state.items()}
+    # Always copy: safetensors hands back tensors over the file's mmap, and a weight left there is
+    # read from page-cache pages, which halves gemv bandwidth on some hosts (measured in
+    # benchmarks/README.md), and ties the model to a file that may later change under it.
+    target = torch.device("cpu") if device is None else torch.device(device)
+    state = {
+        k: v.to(device=target, dtype=dtype if v.is_floating_point() else v.dtype, copy=True)
+        for k, v in state.items()
+    }
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
