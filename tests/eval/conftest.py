@@ -1,14 +1,17 @@
 """Fixtures of the evaluation tests: BIG-bench task files and a tiny model with its tokenizer.
 
-``bigbench_files``: the few BIG-bench tasks the tests read, extracted from the ``bigbench==1.0.0``
+``bigbench_files``: the few real BIG-bench tasks the tests read, extracted from the ``bigbench==1.0.0``
 sdist by ``evolm.eval.bigbench.fetch_bigbench_tasks`` (pip, cached in ``~/.cache/evolm``; never
-committed). ``tiny``: a 2-layer Llama (V=300, context 128) saved with ``evolm.save_model`` next
+committed). PyPI no longer serves that sdist (only 0.0.1, without tasks), so tests that need the
+real files skip where it cannot be fetched; ``authored_bigbench`` holds task files written here in
+the same JSON format, so the prompt format, the CLI and the multi-token scorer are tested anyway. ``tiny``: a 2-layer Llama (V=300, context 128) saved with ``evolm.save_model`` next
 to a byte-level BPE tokenizer trained on a few standard-library modules, so CLI runs need no
 download.
 """
 
 from __future__ import annotations
 
+import json
 import sysconfig
 from pathlib import Path
 
@@ -25,7 +28,49 @@ def bigbench_files() -> dict[str, Path]:
     try:
         return dict(zip(BIGBENCH_TASKS, fetch_bigbench_tasks(BIGBENCH_TASKS), strict=True))
     except CheckpointError as e:
-        pytest.fail(f"cannot fetch BIG-bench tasks from the bigbench==1.0.0 sdist (pip, PyPI): {e}")
+        pytest.skip(f"the real BIG-bench tasks are not available: {e}")
+
+
+@pytest.fixture(scope="session")
+def authored_bigbench(tmp_path_factory) -> dict[str, Path]:
+    """Task files in BIG-bench's JSON format written for these tests.
+
+    ``arithmetic``: single-token answers, BIG-bench's own prompt fields overridden (``choice_prefix``).
+    ``words``: answers of several tokens each, for the shared-context path of the scorer.
+    """
+    out = tmp_path_factory.mktemp("bigbench")
+    sums = [(1, 4), (2, 2), (3, 5), (6, 1), (2, 7), (4, 4), (5, 3), (1, 8)]
+    arithmetic = {
+        "name": "authored_arithmetic",
+        "description": "Sums of two digits.",
+        "keywords": ["arithmetic"],
+        "choice_prefix": " option: ",
+        "examples": [
+            {"input": f"{a} + {b} =", "target_scores": {str(a + b + d): float(d == 0) for d in (0, -1, 1, -2)}}
+            for a, b in sums
+        ],
+    }
+    words = {
+        "name": "authored_words",
+        "description": "Pick the phrase that means the same as the question's.",
+        "keywords": ["paraphrase"],
+        "examples": [
+            {
+                "input": "A place where books are kept and lent out is called",
+                "target_scores": {"a public library": 1, "a railway station": 0, "an empty swimming pool": 0},
+            },
+            {
+                "input": "The season that follows summer is",
+                "target_scores": {"autumn, when leaves fall": 1, "spring, when flowers bloom": 0, "midnight": 0},
+            },
+        ],
+    }
+    files = {}
+    for key, task in (("arithmetic", arithmetic), ("words", words)):
+        files[key] = out / key / "task.json"
+        files[key].parent.mkdir()
+        files[key].write_text(json.dumps(task, indent=2) + "\n")
+    return files
 
 
 @pytest.fixture(scope="session")

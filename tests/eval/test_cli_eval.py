@@ -30,10 +30,11 @@ def test_perplexity_results_file_and_table(tiny, tmp_path, capsys):
     assert "bits_per_byte" in printed.out and "results written to" in printed.err
 
 
-def test_mmlu_and_bigbench_in_one_run(tiny, tmp_path, bigbench_files):
+def test_mmlu_and_bigbench_in_one_run(tiny, tmp_path, authored_bigbench):
     path, model, tok = tiny
     out = tmp_path / "results.json"
-    args = ["eval", str(path), "--task", "mmlu", "--task", "bigbench:simple_arithmetic_json_multiple_choice"]
+    args = ["eval", str(path), "--task", "mmlu", "--task", "bigbench:arithmetic"]
+    args += ["--bigbench.path", str(authored_bigbench["arithmetic"])]
     args += ["--limit", "2", "--mmlu.subjects", "astronomy", "high_school_geography", "--num_fewshot", "1"]
     assert main([*args, "--batch_size", "3", "--output", str(out), "--no-progress"]) == 0
     mmlu, bigbench = json.loads(out.read_text())["results"]
@@ -43,12 +44,15 @@ def test_mmlu_and_bigbench_in_one_run(tiny, tmp_path, bigbench_files):
     assert run_task("mmlu", model, tok, cfg)["metrics"] == pytest.approx(mmlu["metrics"])
 
 
-def test_unknown_task_lists_the_known_ones(tiny, bigbench_files, capsys):
+def test_unknown_task_lists_the_known_ones(tiny, capsys):
     assert main(["eval", str(tiny[0]), "--task", "hellaswag"]) == 2
     err = capsys.readouterr().err
     assert "unknown task 'hellaswag'" in err and "perplexity, mmlu, bigbench:NAME, humaneval" in err
     assert main(["eval", str(tiny[0]), "--task", "bigbench"]) == 2
     assert "bigbench:NAME" in capsys.readouterr().err
+
+
+def test_unknown_bigbench_task_suggests_the_real_names(tiny, bigbench_files, capsys):
     assert main(["eval", str(tiny[0]), "--task", "bigbench:anachronism"]) == 2
     assert "did you mean anachronisms" in capsys.readouterr().err
 

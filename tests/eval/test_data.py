@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from evolm.errors import ConfigError, DataError
+from evolm.errors import CheckpointError, ConfigError, DataError
 from evolm.eval.bigbench import bigbench_items, fetch_bigbench_tasks, load_bigbench
 from evolm.eval.mmlu import MMLUQuestion, load_mmlu, mmlu_items, mmlu_path
 
@@ -76,8 +76,8 @@ def test_mmlu_prompts_in_lm_eval_format():
         mmlu_items([a, b], num_fewshot=2)
 
 
-def test_bigbench_prompt_follows_json_task_format(bigbench_files):
-    task, problems = load_bigbench("simple_arithmetic_json_multiple_choice")
+def test_bigbench_prompt_follows_json_task_format(authored_bigbench):
+    task, problems = load_bigbench("authored_arithmetic", authored_bigbench["arithmetic"])
     assert not problems and len(task.examples) == 8 and task.format["choice_prefix"] == " option: "
     item = bigbench_items(task)[0]
     order = np.random.RandomState(42).permutation(["3", "4", "5", "6"])  # BIG-bench's default_format_fn
@@ -85,6 +85,23 @@ def test_bigbench_prompt_follows_json_task_format(bigbench_files):
     assert item.choices == ("5", "4", "6", "3") and item.scores == (1.0, 0.0, 0.0, 0.0)
     shot = bigbench_items(task, num_fewshot=2, limit=1)[0].context
     assert shot.endswith("\n" + item.context) and shot.count("\nA: ") == 3
+
+
+def test_real_bigbench_task_file(bigbench_files):
+    task, problems = load_bigbench("simple_arithmetic_json_multiple_choice")
+    assert not problems and len(task.examples) == 8 and task.format["choice_prefix"] == " option: "
+    item = bigbench_items(task)[0]
+    assert item.context.startswith("\nQ: 1 + 4 = option: ") and item.choices == ("5", "4", "6", "3")
+
+
+def test_unavailable_sdist_names_the_task_file_option(tmp_path, monkeypatch):
+    import evolm.eval.bigbench as bigbench
+
+    monkeypatch.setattr(bigbench, "BIGBENCH_SDIST", "bigbench==0.0.0.404")
+    monkeypatch.setattr(bigbench, "cache_dir", lambda: tmp_path)
+    with pytest.raises(CheckpointError, match=r"bigbench==0\.0\.0\.404 sdist.*--bigbench\.path task\.json"):
+        fetch_bigbench_tasks(["simple_arithmetic_json_multiple_choice"])
+    assert [p.name for p in (tmp_path / "sdist" / "bigbench-0.0.0.404").iterdir()] == []  # nothing left behind
 
 
 def test_bigbench_malformed_examples_name_file_and_line(tmp_path):

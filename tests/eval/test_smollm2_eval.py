@@ -55,10 +55,10 @@ def test_mmlu_accuracy_equals_transformers(smollm2_evolm, smollm2_hf_reference, 
     assert summary["acc_macro"] == (groups["world religions"]["acc"] + groups["management"]["acc"]) / 2
 
 
-def test_bigbench_free_text_choices_equal_transformers(smollm2_evolm, smollm2_hf_reference, bigbench_files):
+def test_bigbench_free_text_choices_equal_transformers(smollm2_evolm, smollm2_hf_reference, authored_bigbench):
     model, tok = smollm2_evolm
     hf = smollm2_hf_reference[2]
-    task, _ = load_bigbench("conceptual_combinations/homonyms")
+    task, _ = load_bigbench("authored_words", authored_bigbench["words"])
     items = bigbench_items(task, limit=2)
     scores = score_items(model, tok, items, batch_size=2)
     for item, score in zip(items, scores, strict=True):

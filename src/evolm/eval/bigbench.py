@@ -6,6 +6,9 @@ every example has ``input`` and ``target_scores`` (choice text -> grade). Tasks 
 by one into ``~/.cache/evolm/sdist/bigbench-1.0.0/bigbench/benchmark_tasks/<name>/task.json``
 (where ``evolm.assets.sdist_member`` keeps sdist files) and never committed.
 
+In December 2026 PyPI lists only ``bigbench 0.0.1`` (no tasks in it); where the 1.0.0 sdist cannot be
+fetched the error says so and names ``--bigbench.path``, which reads any file in BIG-bench's format.
+
 pip >= 26 refuses to *finish* ``pip download`` of this sdist (it declares a ``file://`` dependency
 on ``bleurt``), after it has downloaded and unpacked it. So the sdist is fetched with ``pip
 download --no-clean`` into a private temporary folder and the wanted files are taken from the tree
@@ -164,7 +167,13 @@ def _extract(names: Sequence[str]) -> None:
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         trees = sorted(tmp.glob(f"pip-*/*/{TASKS_DIR}"))
         if not trees:
-            raise CheckpointError(f"could not fetch {BIGBENCH_SDIST} with pip: {r.stderr.strip()[-500:]}")
+            errors = [ln for ln in r.stderr.splitlines() if not ln.startswith("WARNING:")]
+            raise CheckpointError(
+                f"could not fetch the {BIGBENCH_SDIST} sdist with pip ({' '.join(errors)[-400:] or 'no output'}). "
+                "PyPI lists only bigbench 0.0.1 today, which holds no tasks; put the 1.0.0 sdist on a package "
+                "index pip reads (pip --find-links), or read a task file in BIG-bench's JSON format instead: "
+                "`evolm eval MODEL --task bigbench:NAME --bigbench.path task.json` (load_bigbench(name, path))"
+            )
         tasks = trees[0]
         mc = sorted(
             p.parent.relative_to(tasks).as_posix()
