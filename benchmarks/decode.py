@@ -350,11 +350,15 @@ def main() -> None:
     for r in rows:
         if r["impl"].startswith("evolm"):
             goal = TARGETS[r["dtype"]]
+
+            def verdict(ok: bool) -> str:
+                return "met" if ok else "MISSED"
+
             print(
                 f"  {r['impl']} {r['dtype']}: {r['x_hf_fp32']:.2f}x HF fp32 (target >= {goal}x: "
-                f"{'met' if r['x_hf_fp32'] >= goal else 'MISSED'}; {r['x_hf_fp32_copied']:.2f}x HF fp32 with "
-                f"weights copied: {'met' if r['x_hf_fp32_copied'] >= goal else 'MISSED'}); {r['of_bound']:.0%} of "
-                f"the bandwidth bound (target >= {BOUND_TARGET:.0%}: {'met' if r['of_bound'] >= BOUND_TARGET else 'MISSED'})"
+                f"{verdict(r['x_hf_fp32'] >= goal)}; {r['x_hf_fp32_copied']:.2f}x HF fp32 with weights copied: "
+                f"{verdict(r['x_hf_fp32_copied'] >= goal)}); {r['of_bound']:.0%} of the bandwidth bound "
+                f"(target >= {BOUND_TARGET:.0%}: {verdict(r['of_bound'] >= BOUND_TARGET)})"
             )
     for name, table in profiles.items():
         print(f"\nevolm {name}, {args.profile} decode steps, top ops by self CPU time:\n{table}")

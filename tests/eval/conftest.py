@@ -4,9 +4,9 @@
 sdist by ``evolm.eval.bigbench.fetch_bigbench_tasks`` (pip, cached in ``~/.cache/evolm``; never
 committed). PyPI no longer serves that sdist (only 0.0.1, without tasks), so tests that need the
 real files skip where it cannot be fetched; ``authored_bigbench`` holds task files written here in
-the same JSON format, so the prompt format, the CLI and the multi-token scorer are tested anyway. ``tiny``: a 2-layer Llama (V=300, context 128) saved with ``evolm.save_model`` next
-to a byte-level BPE tokenizer trained on a few standard-library modules, so CLI runs need no
-download.
+the same JSON format, so the prompt format, the CLI and the multi-token scorer are tested anyway.
+``tiny``: a 2-layer Llama (V=300, context 128) saved with ``evolm.save_model`` next to a byte-level
+BPE tokenizer trained on a few standard-library modules, so CLI runs need no download.
 """
 
 from __future__ import annotations

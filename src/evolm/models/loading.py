@@ -158,8 +158,7 @@ def _assemble(
     # benchmarks/README.md), and ties the model to a file that may later change under it.
     target = torch.device("cpu") if device is None else torch.device(device)
     state = {
-        k: v.to(device=target, dtype=dtype if v.is_floating_point() else v.dtype, copy=True)
-        for k, v in state.items()
+        k: v.to(device=target, dtype=dtype if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()
     }
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
