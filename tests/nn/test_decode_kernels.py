@@ -80,3 +80,27 @@ def test_decode_attention_bad_input():
         decode_kernels.decode_attention(q, k, k, None, 0.25)
     with pytest.raises(RuntimeError, match="bool mask"):
         decode_kernels.decode_attention(q[:, :4], k, k, torch.ones(1, 1, 1, 8), 0.25)
+
+
+def test_eager_one_row_linear_and_one_query_attend_run_the_kernels(monkeypatch):
+    from evolm.nn.attention import AttentionMask, attend
+    from evolm.nn.linear import Linear
+
+    calls = []
+    for name in ("gemv", "decode_attention"):
+        real = getattr(decode_kernels, name)
+        monkeypatch.setattr(decode_kernels, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    torch.manual_seed(0)
+    lin = Linear(64, 48).eval()
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        assert torch.allclose(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5)
+    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    mask = AttentionMask(q_index=torch.tensor([8]), k_index=torch.arange(9))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+    assert torch.allclose(attend(q, k, v, mask), ref, atol=1e-5)
+    assert calls == ["gemv", "decode_attention"]
+
+    q.requires_grad_(True)  # the kernel has no backward: a query that needs gradients keeps SDPA
+    attend(q, k, v, mask).sum().backward()
+    assert calls == ["gemv", "decode_attention"] and q.grad is not None and q.grad.abs().sum() > 0

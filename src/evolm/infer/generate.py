@@ -192,6 +192,8 @@ def generate_stream(
         if compile:  # few distinct cache shapes, so few recompiles: multiples of 256 slots
             size = min(-(-size // 256) * 256, model.cfg.max_seq_len)
         cache = model.new_cache(b, size, static=compile)
+    if device.type == "cpu":
+        decode_kernels.available()  # eager steps use the AVX-512 kernels too (built once, ~7 s, then cached)
     decode = compiled_decode_one_token() if compile else decode_one_token
     fill = eos[0] if eos else 0
     eos_t = torch.tensor(eos, device=device) if eos else None

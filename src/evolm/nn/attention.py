@@ -7,8 +7,9 @@ Ainslie et al., 2023; Shazeer, 2019), T queries, S keys, D head width.
 Families never call SDPA themselves; they describe what each query may see (``AttentionMask``) and
 what is added to or done with the scores (ALiBi slopes, a relative-position bias, a tanh soft-cap),
 and ``attend`` chooses how to compute it. Today the backends are PyTorch SDPA (fast path), a
-plain matmul-softmax path for score transforms SDPA cannot express (soft-capping), and, inside
-compiled decode steps on AVX-512 CPUs, the one-query kernel of ``evolm.nn.decode_kernels``.
+plain matmul-softmax path for score transforms SDPA cannot express (soft-capping), and, for decode
+steps (one query per row) on AVX-512 CPUs once ``decode_kernels.available()`` has loaded it, the
+one-query kernel of ``evolm.nn.decode_kernels``.
 """
 
 from __future__ import annotations
@@ -166,13 +167,13 @@ def attend(
     if (
         q.shape[2] == 1
         and decode_kernels.loaded
-        and torch.compiler.is_compiling()
         and q.device.type == "cpu"
         and q.dtype in (torch.float32, torch.bfloat16)
         and softcap is None
         and bias is None
+        and not (torch.is_grad_enabled() and q.requires_grad)  # the kernel has no backward
     ):
-        # A compiled decode step: one kernel over the cache in its own dtype, no float32 copy.
+        # A decode step (eager or compiled): one kernel over the cache in its own dtype, no float32 copy.
         return decode_kernels.decode_attention(q, k, v, mask.dense(), scale)
     if q.shape[2] == 1 and q.dtype in (torch.bfloat16, torch.float16) and q.device.type == "cpu":
         # The decode step: PyTorch's CPU kernels for one low-precision query are several times

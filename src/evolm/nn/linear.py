@@ -23,6 +23,10 @@ oneDNN's matmul op has no autograd formula, so training goes through ``_OneDNNLi
 Under autocast the inputs are cast first, exactly as autocast casts those of ``F.linear``, so the
 products run in the autocast dtype and the gradients of float32 master weights come back float32.
 
+Inference over a single row (a decode step at batch 1) runs the AVX-512 matrix-vector kernel of
+``evolm.nn.decode_kernels`` once ``available()`` has loaded it (``evolm.generate`` does), eagerly or
+compiled; without it a compiled step uses ``_gemv``, an eager one oneDNN.
+
 The module is a subclass of ``nn.Linear`` with the same parameters and names, so checkpoints,
 PEFT adapters and quantisers that swap ``nn.Linear`` by type or name see no difference.
 """
@@ -164,9 +168,11 @@ class Linear(nn.Linear):
             b = b.to(dtype) if b is not None else None
         if training:
             return _OneDNNLinear.apply(x, w, b)
-        if torch.compiler.is_compiling() and not autocast and x.shape[:-1].numel() == 1:  # a compiled decode step
-            gemv = decode_kernels.gemv if decode_kernels.loaded else _gemv
-            return gemv(x, w.detach(), b.detach() if b is not None else None)
+        if not autocast and x.shape[:-1].numel() == 1:  # one row: a decode step at batch 1
+            if decode_kernels.loaded:
+                return decode_kernels.gemv(x, w.detach(), b.detach() if b is not None else None)
+            if torch.compiler.is_compiling():
+                return _gemv(x, w.detach(), b.detach() if b is not None else None)
         if dtype == torch.bfloat16 and w is self.weight and not torch.compiler.is_compiling():
             w = self._packed_weight()  # a bf16 model: reorder once; an autocast copy is used as it is
         return _mm(x, w.detach(), b.detach() if b is not None else None)
