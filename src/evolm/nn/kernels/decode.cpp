@@ -35,9 +35,20 @@
 namespace {
 
 constexpr int kAcc = 4;         // independent accumulators per row
-constexpr int kPrefetch = 2048;  // bytes ahead of the loads to prefetch into L1 (measured: +5-10% over none)
+// Software prefetch kPrefetch bytes ahead of the loads, into L2 (T1). Measured over the decode benchmark's
+// weights, as a share of a 2-thread sum() over the same bytes: on Zen 4, bf16 0.59 -> 0.90 and float32
+// 0.86 -> 0.92 against prefetching 2 KB ahead into L1 (T0), which fills L1's miss buffers with lines the
+// next loads need anyway; 2, 3, 6 and 8 KB ahead and prefetching into L3 (T2) were no better.
+constexpr int kPrefetch = 4096;
 
-inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + kPrefetch, _MM_HINT_T0); }
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + kPrefetch, _MM_HINT_T1); }
+
+// The first kPrefetch bytes of a thread's share, which the loop's own prefetches never cover: a new
+// stream starts with its first 4 KB (usually one memory page) in flight instead of one miss at a time.
+inline void prefetch_start(const void* begin, const void* end) {
+  const char *p = static_cast<const char*>(begin), *e = static_cast<const char*>(end);
+  for (int64_t b = 0; b < kPrefetch && p + b < e; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
+}
 
 // Dot product of one float32 weight row with x (length k).
 inline float dot_f32(const float* w, const float* x, int64_t k) {
@@ -105,6 +116,7 @@ at::Tensor gemv_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const std::o
     const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
+      prefetch_start(wp + lo * k, wp + hi * k);
       for (int64_t o = lo; o < hi; ++o)
         for (int64_t r = 0; r < rows; ++r)
           yp[r * n + o] = dot_f32(wp + o * k, xp + r * k, k) + (bias ? bias[o] : 0.0f);
@@ -114,6 +126,7 @@ at::Tensor gemv_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const std::o
     const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>());
     c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
     at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
+      prefetch_start(wp + lo * k, wp + hi * k);
       for (int64_t o = lo; o < hi; ++o)
         for (int64_t r = 0; r < rows; ++r)
           yp[r * n + o] = c10::BFloat16(dot_bf16(wp + o * k, xp + r * k, k) + (bias ? bias[o] : 0.0f));
