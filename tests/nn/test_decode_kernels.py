@@ -104,3 +104,61 @@ def test_eager_one_row_linear_and_one_query_attend_run_the_kernels(monkeypatch):
     q.requires_grad_(True)  # the kernel has no backward: a query that needs gradients keeps SDPA
     attend(q, k, v, mask).sum().backward()
     assert calls == ["gemv", "decode_attention"] and q.grad is not None and q.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead", [(1,), (1, 1), (2, 1)])
+def test_gemv_group_matches_each_product(dtype, lead):
+    """q/k/v-like weights of different heights, biases on some, one input: each output as its own product."""
+    torch.manual_seed(0)
+    x = torch.randn(*lead, 96).to(dtype)
+    ws = [torch.randn(n, 96).to(dtype) for n in (300, 7, 1000, 1)]
+    bs = [torch.randn(300).to(dtype), None, torch.randn(1000).to(dtype), None]
+    ys = decode_kernels.gemv_group(x, ws, bs)
+    assert len(ys) == 4
+    for y, w, b in zip(ys, ws, bs, strict=True):
+        ref = x.float() @ w.float().t() + (b.float() if b is not None else 0)
+        assert y.dtype == dtype and y.shape == (*lead, w.shape[0])
+        assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < TOL[dtype]
+
+
+def test_gemv_group_bad_input():
+    x = torch.randn(1, 48)
+    with pytest.raises(RuntimeError, match="in-features"):
+        decode_kernels.gemv_group(x, [torch.randn(8, 48), torch.randn(8, 47)], [None, None])
+    with pytest.raises(RuntimeError, match="biases"):
+        decode_kernels.gemv_group(x, [torch.randn(8, 48)], [None, None])
+    with pytest.raises(RuntimeError, match="bias has 7 values for 8 outputs"):
+        decode_kernels.gemv_group(x, [torch.randn(8, 48)], [torch.randn(7)])
+    with pytest.raises(RuntimeError, match="is BFloat16"):
+        decode_kernels.gemv_group(x, [torch.randn(8, 48).bfloat16()], [None])
+
+
+def test_linear_group_runs_one_call_for_plain_layers_only(monkeypatch):
+    """Plain Linear layers at one row: one grouped call, same numbers as each layer; hooked, adapted,
+    multi-row or gradient-needing products call the layers one by one."""
+    from evolm.nn.linear import Linear, linear_group
+
+    calls = []
+    real = decode_kernels.gemv_group
+    monkeypatch.setattr(decode_kernels, "gemv_group", lambda *a: calls.append(len(a[1])) or real(*a))
+    torch.manual_seed(0)
+    layers = [Linear(64, 48), Linear(64, 16, bias=False), Linear(64, 16)]
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        want = [torch.nn.functional.linear(x, m.weight, m.bias) for m in layers]
+        for got, ref in zip(linear_group(x, layers), want, strict=True):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        assert calls == [3]
+        linear_group(torch.randn(1, 2, 64), layers)  # two rows: a prefill, not a decode step
+        assert calls == [3]
+        seen = []
+        handle = layers[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        linear_group(x, layers)  # a hook must see its layer's output
+        assert calls == [3] and seen == [(1, 1, 16)]
+        handle.remove()
+        linear_group(x, [layers[0], torch.nn.Linear(64, 8)])  # not an evolm Linear (e.g. an adapter)
+        assert calls == [3]
+    out = linear_group(x, layers)  # gradients wanted: the layers' own (training) path
+    out[0].sum().backward()
+    assert calls == [3] and layers[0].weight.grad is not None

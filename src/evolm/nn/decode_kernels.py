@@ -3,7 +3,8 @@ and one-query attention over a KV cache.
 
 ``evolm.generate`` loads them (``available()``) before its first CPU step; from then on every
 inference ``Linear`` over one row and every one-query ``attend`` without a score bias runs them,
-eagerly or inside a compiled step (measured here, eager decode of the benchmark's model: fp32
+eagerly or inside a compiled step; projections of one input (q/k/v, gate/up) run as one call
+(``gemv_group``, through ``evolm.nn.linear.linear_group``) (measured here, eager decode of the benchmark's model: fp32
 31.9 -> 41.5 tok/s, bf16 49.7 -> 60.4).
 
 A decode step at batch 1 is bound by how fast its products stream their weights from memory (the
@@ -93,6 +94,17 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> tor
     the input dtype once, with the bias added in float32 before rounding. Call ``available()`` first.
     """
     return torch.ops.evolm_kernels.gemv(x, w, b)
+
+
+def gemv_group(
+    x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    """``[x w^T + b for w, b in zip(ws, bs)]`` in one call: weights of one in-features, as ``gemv``.
+
+    The rows of all weights are split across threads as one range, so the products of one input
+    (q/k/v, gate/up) cost one parallel region and stream on from one weight into the next.
+    """
+    return torch.ops.evolm_kernels.gemv_group(x, ws, bs)
 
 
 def decode_attention(

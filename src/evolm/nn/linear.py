@@ -33,6 +33,8 @@ PEFT adapters and quantisers that swap ``nn.Linear`` by type or name see no diff
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -125,6 +127,44 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.sum(0)  # (O,)
         return gx, gw, gb
+
+
+def linear_group(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """``[layer(x) for layer in layers]``: the projections of one input (q/k/v, gate/up).
+
+    A one-row inference product of plain ``Linear`` layers (a decode step at batch 1) runs them as
+    one call of the AVX-512 kernel once ``decode_kernels.available()`` has loaded it: one parallel
+    region instead of one per layer, the weights streamed one after another (measured over the
+    decode benchmark's weights: 85 -> 49 calls a step, bf16 +4-5% of ``sum()`` bandwidth). Anything
+    else (adapters, quantised or hooked layers, training, autocast, several rows) calls each layer.
+    """
+    if (
+        decode_kernels.loaded
+        and _ENABLED
+        and x.device.type == "cpu"
+        and type(x) in _PLAIN
+        and x.dtype in _INFER_DTYPES
+        and x.shape[:-1].numel() == 1
+        and not torch.is_autocast_enabled("cpu")
+        and all(_plain_inference_layer(m, x) for m in layers)
+    ):
+        return decode_kernels.gemv_group(
+            x, [m.weight.detach() for m in layers], [None if m.bias is None else m.bias.detach() for m in layers]
+        )
+    return [m(x) for m in layers]
+
+
+def _plain_inference_layer(m: nn.Module, x: torch.Tensor) -> bool:
+    """``m`` is an evolm ``Linear`` with no hooks whose product with ``x`` needs no gradient."""
+    w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+    return (
+        type(m) is Linear
+        and not (m._forward_hooks or m._forward_pre_hooks)
+        and type(w) in _PLAIN
+        and w.dtype == x.dtype
+        and (b is None or (type(b) in _PLAIN and b.dtype == x.dtype))
+        and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)))
+    )
 
 
 class Linear(nn.Linear):

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from evolm.errors import ConfigError
-from evolm.nn.linear import Linear
+from evolm.nn.linear import Linear, linear_group
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -76,7 +76,8 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, C) -> (B, T, C)."""
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linear_group(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(self.act(gate) * up)
 
 
 def make_mlp(cfg: MLPConfig, dim: int) -> nn.Module:

@@ -19,7 +19,7 @@ from torch import nn
 from evolm.errors import ConfigError
 from evolm.nn.attention import AttentionMask, attend
 from evolm.nn.kv_cache import KVCache
-from evolm.nn.linear import Linear
+from evolm.nn.linear import Linear, linear_group
 from evolm.nn.norm import RMSNorm
 from evolm.nn.positions import alibi_slopes
 from evolm.nn.rope import RopeConfig, apply_rope
@@ -115,7 +115,7 @@ class SelfAttention(nn.Module):
         """
         cfg = self.cfg
         b, t, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H*D), (B, T, K*D) x2
+        q, k, v = linear_group(x, (self.q_proj, self.k_proj, self.v_proj))  # (B, T, H*D), (B, T, K*D) x2
         if cfg.clip_qkv is not None:
             q, k, v = (z.clamp(-cfg.clip_qkv, cfg.clip_qkv) for z in (q, k, v))
         if cfg.qk_norm == "full":

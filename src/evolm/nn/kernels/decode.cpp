@@ -3,6 +3,7 @@
 // evolm/nn/decode_kernels.py):
 //
 //   gemv(Tensor x, Tensor w, Tensor? b) -> Tensor            y = x W^T + b, a few rows x
+//   gemv_group(Tensor x, Tensor[] ws, Tensor?[] bs) -> Tensor[]   y_i = x W_i^T + b_i in one call (q/k/v, gate/up)
 //   decode_attention(Tensor q, Tensor k, Tensor v, Tensor? allowed, float scale) -> Tensor
 //
 // gemv. A decode step reads every weight once, so its speed is the rate at which one product streams its
@@ -89,50 +90,88 @@ inline float dot_bf16(const uint16_t* w, const uint16_t* x, int64_t k) {
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
 }
 
-at::Tensor gemv_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& b_in) {
-  TORCH_CHECK(w_in.dim() == 2, "evolm::gemv: weight must be 2-D (out, in), got ", w_in.sizes());
-  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == w_in.size(1), "evolm::gemv: x's last dimension (",
-              x_in.size(-1), ") must equal the weight's in-features (", w_in.size(1), ")");
-  TORCH_CHECK(x_in.scalar_type() == w_in.scalar_type(), "evolm::gemv: x is ", x_in.scalar_type(),
-              " but the weight is ", w_in.scalar_type());
-  const auto dtype = w_in.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "evolm::gemv: float32 or bfloat16 only, got ", dtype);
-  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
-  const int64_t n = w.size(0), k = w.size(1), rows = x.numel() / std::max<int64_t>(k, 1);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = n;
-  at::Tensor y = at::empty(shape, x.options());
-  const float* bias = nullptr;
-  at::Tensor b;
-  if (b_in.has_value() && b_in->defined()) {
-    TORCH_CHECK(b_in->numel() == n, "evolm::gemv: bias has ", b_in->numel(), " values for ", n, " outputs");
-    b = b_in->to(at::kFloat).contiguous();
-    bias = b.data_ptr<float>();
-  }
-  if (n == 0 || rows == 0) return y;
+// One weight of a group: its rows, output and float32 bias (or null).
+struct Segment {
+  const void* w;
+  void* y;
+  const float* bias;
+  int64_t n;
+};
+
+inline float dot_row(const float* w, const float* x, int64_t k) { return dot_f32(w, x, k); }
+inline float dot_row(const uint16_t* w, const uint16_t* x, int64_t k) { return dot_bf16(w, x, k); }
+inline void store(float* y, float v) { *y = v; }
+inline void store(c10::BFloat16* y, float v) { *y = c10::BFloat16(v); }
+
+// y_i = x W_i^T + b_i for every segment i, all of in-features k, `rows` rows of x. The weights' rows are
+// numbered one after another and split across threads as one range (contiguous shares: two threads
+// streaming far-apart halves read faster here than threads taking interleaved chunks, and taking
+// chunks dynamically to even out the finish measured no better), so a thread's share runs on from one
+// weight into the next with no join between them.
+template <typename T, typename Y>
+void run_segments(const T* x, int64_t rows, int64_t k, const std::vector<Segment>& segs) {
+  std::vector<int64_t> first(segs.size() + 1, 0);  // global index of each segment's first row
+  for (size_t i = 0; i < segs.size(); ++i) first[i + 1] = first[i] + segs[i].n;
   // Split weight rows so that each thread's share is at least ~64 KB of weight.
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(k * w.element_size(), 1));
-  if (dtype == at::kFloat) {
-    const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
-      prefetch_start(wp + lo * k, wp + hi * k);
-      for (int64_t o = lo; o < hi; ++o)
-        for (int64_t r = 0; r < rows; ++r)
-          yp[r * n + o] = dot_f32(wp + o * k, xp + r * k, k) + (bias ? bias[o] : 0.0f);
-    });
-  } else {
-    const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
-    const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>());
-    c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
-    at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
-      prefetch_start(wp + lo * k, wp + hi * k);
-      for (int64_t o = lo; o < hi; ++o)
-        for (int64_t r = 0; r < rows; ++r)
-          yp[r * n + o] = c10::BFloat16(dot_bf16(wp + o * k, xp + r * k, k) + (bias ? bias[o] : 0.0f));
-    });
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(k * static_cast<int64_t>(sizeof(T)), 1));
+  at::parallel_for(0, first.back(), grain, [&](int64_t lo, int64_t hi) {
+    for (size_t i = 0; i < segs.size(); ++i) {
+      const int64_t a = std::max(lo, first[i]) - first[i], b = std::min(hi, first[i + 1]) - first[i];
+      if (a >= b) continue;
+      const Segment& sg = segs[i];
+      const T* w = static_cast<const T*>(sg.w);
+      Y* y = static_cast<Y*>(sg.y);
+      prefetch_start(w + a * k, w + b * k);
+      for (int64_t o = a; o < b; ++o)
+        for (int64_t r = 0; r < rows; ++r) store(y + r * sg.n + o, dot_row(w + o * k, x + r * k, k) + (sg.bias ? sg.bias[o] : 0.0f));
+    }
+  });
+}
+
+std::vector<at::Tensor> gemv_group_cpu(const at::Tensor& x_in, at::TensorList ws,
+                                       const c10::List<std::optional<at::Tensor>>& bs) {
+  TORCH_CHECK(!ws.empty(), "evolm::gemv: no weights given");
+  TORCH_CHECK(bs.size() == ws.size(), "evolm::gemv: ", ws.size(), " weights but ", bs.size(), " biases (None for none)");
+  TORCH_CHECK(x_in.dim() >= 1, "evolm::gemv: x must have at least one dimension");
+  const auto dtype = x_in.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "evolm::gemv: float32 or bfloat16 only, got ", dtype);
+  const int64_t k = x_in.size(-1), rows = x_in.numel() / std::max<int64_t>(k, 1);
+  const at::Tensor x = x_in.contiguous();
+  std::vector<at::Tensor> outs, kept;  // kept: contiguous weights and float32 biases alive until the end
+  std::vector<Segment> segs;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    const at::Tensor& w_in = ws[i];
+    TORCH_CHECK(w_in.dim() == 2, "evolm::gemv: weight must be 2-D (out, in), got ", w_in.sizes());
+    TORCH_CHECK(w_in.size(1) == k, "evolm::gemv: x's last dimension (", k, ") must equal the weight's in-features (",
+                w_in.size(1), ")");
+    TORCH_CHECK(w_in.scalar_type() == dtype, "evolm::gemv: x is ", dtype, " but the weight is ", w_in.scalar_type());
+    const at::Tensor w = w_in.contiguous();
+    const int64_t n = w.size(0);
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = n;
+    outs.push_back(at::empty(shape, x.options()));
+    const float* bias = nullptr;
+    const std::optional<at::Tensor> b_in = bs.get(i);
+    if (b_in.has_value() && b_in->defined()) {
+      TORCH_CHECK(b_in->numel() == n, "evolm::gemv: bias has ", b_in->numel(), " values for ", n, " outputs");
+      kept.push_back(b_in->to(at::kFloat).contiguous());
+      bias = kept.back().data_ptr<float>();
+    }
+    kept.push_back(w);
+    segs.push_back({w.data_ptr(), outs.back().data_ptr(), bias, n});
   }
-  return y;
+  if (rows == 0) return outs;
+  if (dtype == at::kFloat)
+    run_segments<float, float>(x.data_ptr<float>(), rows, k, segs);
+  else
+    run_segments<uint16_t, c10::BFloat16>(reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>()), rows, k, segs);
+  return outs;
+}
+
+at::Tensor gemv_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  c10::List<std::optional<at::Tensor>> bs;
+  bs.push_back(b);
+  return gemv_group_cpu(x, {w}, bs)[0];
 }
 
 // Up to 16 values (lanes outside mask m read as 0), as float32; stores round back to the element type.
@@ -299,17 +338,27 @@ at::Tensor gemv_meta(const at::Tensor& x, const at::Tensor& w, const std::option
   return at::empty(shape, x.options());
 }
 
+std::vector<at::Tensor> gemv_group_meta(const at::Tensor& x, at::TensorList ws,
+                                        const c10::List<std::optional<at::Tensor>>& bs) {
+  std::vector<at::Tensor> outs;
+  for (const at::Tensor& w : ws) outs.push_back(gemv_meta(x, w, std::nullopt));
+  return outs;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(evolm_kernels, m) {
   m.def("gemv(Tensor x, Tensor w, Tensor? b) -> Tensor");
+  m.def("gemv_group(Tensor x, Tensor[] ws, Tensor?[] bs) -> Tensor[]");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? allowed, float scale) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(evolm_kernels, CPU, m) {
   m.impl("gemv", gemv_cpu);
+  m.impl("gemv_group", gemv_group_cpu);
   m.impl("decode_attention", decode_attention_cpu);
 }
 TORCH_LIBRARY_IMPL(evolm_kernels, Meta, m) {
   m.impl("gemv", gemv_meta);
+  m.impl("gemv_group", gemv_group_meta);
   m.impl("decode_attention", decode_attention_meta);
 }
