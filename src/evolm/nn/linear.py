@@ -156,14 +156,16 @@ def linear_group(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Ten
 
 def _plain_inference_layer(m: nn.Module, x: torch.Tensor) -> bool:
     """``m`` is an evolm ``Linear`` with no hooks whose product with ``x`` needs no gradient."""
-    w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+    if type(m) is not Linear:
+        return False
+    w, b = m.weight, m.bias
+    needs_grad = x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)
     return (
-        type(m) is Linear
-        and not (m._forward_hooks or m._forward_pre_hooks)
+        not (m._forward_hooks or m._forward_pre_hooks)
         and type(w) in _PLAIN
         and w.dtype == x.dtype
         and (b is None or (type(b) in _PLAIN and b.dtype == x.dtype))
-        and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)))
+        and not (torch.is_grad_enabled() and needs_grad)
     )
 
 
