@@ -3,6 +3,8 @@ batches; EOS, stop strings, streaming, seeded sampling; bad input."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import transformers as T
@@ -150,6 +152,21 @@ def test_nan_logits_stop_generation(pairs):
         broken.model.norm.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite"):
         generate(broken, torch.tensor([[1, 2, 3]]), 4)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_nan_logits_in_a_decode_step_stop_generation(pairs, compile):
+    """NaN appears only once the first generated token is fed back (its embedding row is NaN): the
+    decode step's check stops generation, in the compiled greedy step too (which checks in the graph)."""
+    _, model = pairs["llama"]
+    broken = evolm.build_model(dataclasses.replace(model.cfg, tie_embeddings=False), seed=0)
+    prompt = torch.tensor([[1, 2, 3]])
+    first = int(generate(broken, prompt, 1)[0, -1])
+    assert first not in prompt[0].tolist()
+    with torch.no_grad():
+        broken.model.embed_tokens.weight[first] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"non-finite \(NaN/Inf\) logits in batch rows \[0\]"):
+        generate(broken, prompt, 4, compile=compile)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

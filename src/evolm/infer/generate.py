@@ -11,13 +11,14 @@ padded row computes exactly what it would alone.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from evolm.errors import ConfigError
-from evolm.infer.sampling import SamplingConfig, sample_next
+from evolm.infer.sampling import SamplingConfig, nonfinite_logits_error, sample_next
 from evolm.nn import decode_kernels
 
 
@@ -43,7 +44,22 @@ def decode_one_token(
     return model(token, position_ids=position_ids, attention_mask=attention_mask, cache=cache)[:, -1]
 
 
+def decode_greedy(
+    model: nn.Module,
+    token: torch.Tensor,
+    cache: list,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``decode_one_token`` and the greedy choice: next tokens (B,) and whether each row's logits were
+    all finite (B,), so that a compiled step reads the logits once for both (``sample_next`` upcasts
+    them, checks them and takes the argmax in separate passes: ~0.15 ms a step here)."""
+    logits = decode_one_token(model, token, cache, attention_mask, position_ids)
+    return logits.argmax(dim=-1), torch.isfinite(logits).all(dim=-1)
+
+
 _compiled_decode = None
+_compiled_greedy = None
 
 
 def compiled_decode_one_token() -> Callable:
@@ -61,10 +77,20 @@ def compiled_decode_one_token() -> Callable:
     global _compiled_decode
     if _compiled_decode is None:
         decode_kernels.available()  # before tracing: the graph reads decode_kernels.loaded
-        _compiled_decode = torch.compile(
-            decode_one_token, fullgraph=True, options={"size_asserts": False, "alignment_asserts": False}
-        )
+        _compiled_decode = torch.compile(decode_one_token, fullgraph=True, options=_INDUCTOR_OPTIONS)
     return _compiled_decode
+
+
+def compiled_decode_greedy() -> Callable:
+    """``decode_greedy`` compiled as ``compiled_decode_one_token`` is (greedy decoding's step)."""
+    global _compiled_greedy
+    if _compiled_greedy is None:
+        decode_kernels.available()
+        _compiled_greedy = torch.compile(decode_greedy, fullgraph=True, options=_INDUCTOR_OPTIONS)
+    return _compiled_greedy
+
+
+_INDUCTOR_OPTIONS = {"size_asserts": False, "alignment_asserts": False}
 
 
 # Compiled steps after this many in one generate call skip Dynamo's full guard check (~0.5 ms per step
@@ -194,6 +220,8 @@ def generate_stream(
         cache = model.new_cache(b, size, static=compile)
     if device.type == "cpu":
         decode_kernels.available()  # eager steps use the AVX-512 kernels too (built once, ~7 s, then cached)
+    # Greedy compiled steps choose inside the graph; otherwise tokens come from sample_next.
+    greedy_step = compiled_decode_greedy() if compile and sampling.greedy and repetition_penalty == 1.0 else None
     decode = compiled_decode_one_token() if compile else decode_one_token
     fill = eos[0] if eos else 0
     eos_t = torch.tensor(eos, device=device) if eos else None
@@ -202,9 +230,9 @@ def generate_stream(
     generated: list[list[int]] = [[] for _ in range(b)]
 
     logits = prefill(model, input_ids, cache, mask, positions)
+    token = sample_next(logits, sampling, context if repetition_penalty != 1.0 else None, generator)
     next_pos = positions[:, -1:] + 1  # (B, 1)
     for step in range(max_new_tokens):
-        token = sample_next(logits, sampling, context if repetition_penalty != 1.0 else None, generator)
         token = torch.where(finished, torch.full_like(token, fill), token)
         yield token
         if eos_t is not None:
@@ -222,11 +250,15 @@ def generate_stream(
             context = torch.cat([context, token[:, None]], dim=1)
         if mask is not None:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        if compile and step >= _FULL_GUARD_STEPS:
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+        skip_guards = compile and step >= _FULL_GUARD_STEPS
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if skip_guards else contextlib.nullcontext():
+            if greedy_step is not None:
+                token, finite = greedy_step(model, token[:, None], cache, mask, next_pos)
+                if not bool(finite.all()):
+                    raise nonfinite_logits_error(finite)
+            else:
                 logits = decode(model, token[:, None], cache, mask, next_pos)
-        else:
-            logits = decode(model, token[:, None], cache, mask, next_pos)
+                token = sample_next(logits, sampling, context if repetition_penalty != 1.0 else None, generator)
         next_pos = next_pos + 1
 
 

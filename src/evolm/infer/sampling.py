@@ -86,6 +86,15 @@ def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return logits
 
 
+def nonfinite_logits_error(finite_rows: torch.Tensor) -> FloatingPointError:
+    """The error for logits with NaN/Inf values; ``finite_rows`` (B,) is True where a row's are all finite."""
+    bad = (~finite_rows).nonzero().flatten().tolist()
+    return FloatingPointError(
+        f"non-finite (NaN/Inf) logits in batch rows {bad}; stopping generation instead of emitting garbage "
+        "(often an overflow: try float32 or bfloat16 instead of float16)"
+    )
+
+
 def sample_next(
     logits: torch.Tensor,
     cfg: SamplingConfig,
@@ -108,11 +117,7 @@ def sample_next(
     """
     logits = logits.float()
     if not torch.isfinite(logits).all():
-        bad = (~torch.isfinite(logits)).any(dim=-1).nonzero().flatten().tolist()
-        raise FloatingPointError(
-            f"non-finite (NaN/Inf) logits in batch rows {bad}; stopping generation instead of emitting garbage "
-            "(often an overflow: try float32 or bfloat16 instead of float16)"
-        )
+        raise nonfinite_logits_error(torch.isfinite(logits).all(dim=-1))
     if context is not None and cfg.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, context, cfg.repetition_penalty)
     if cfg.greedy:
