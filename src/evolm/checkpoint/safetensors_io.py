@@ -107,6 +107,12 @@ def _fsync_write(path: Path, writer) -> None:
         os.fsync(fh.fileno())
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied out if it is a view of a larger storage (weights loaded into one block per layer,
+    ``evolm.checkpoint.host_memory``): safetensors refuses tensors that share memory."""
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
 def write_safetensors_dir(
     directory: Path, tensors: dict[str, torch.Tensor], config: dict, max_shard_bytes: int = 5 * 2**30
 ) -> list[Path]:
@@ -122,7 +128,7 @@ def write_safetensors_dir(
     directory.mkdir(parents=True, exist_ok=True)
     if not os.access(directory, os.W_OK):
         raise CheckpointError(f"cannot write to {directory}: permission denied")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    tensors = {k: _own_storage(v.detach().contiguous().cpu()) for k, v in tensors.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k in sorted(tensors):

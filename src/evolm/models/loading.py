@@ -9,12 +9,14 @@ ever partially loaded.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from evolm.checkpoint import host_memory
 from evolm.checkpoint.safetensors_io import PICKLE_SUFFIXES, pickle_refusal, read_safetensors_dir, write_safetensors_dir
 from evolm.errors import CheckpointError, ConfigError
 from evolm.models.config import DecoderConfig
@@ -157,15 +159,45 @@ def _assemble(
     # read from page-cache pages, which halves gemv bandwidth on some hosts (measured in
     # benchmarks/README.md), and ties the model to a file that may later change under it.
     target = torch.device("cpu") if device is None else torch.device(device)
-    state = {
-        k: v.to(device=target, dtype=dtype if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()
-    }
+    packed = _pack_for_decoding(model, state, dtype) if target.type == "cpu" else {}
+    for k, v in state.items():
+        if k not in packed:
+            packed[k] = v.to(device=target, dtype=dtype if v.is_floating_point() else v.dtype, copy=True)
+    state = packed
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"{source}: no data loaded for {left[:8]}")
     return model.eval()
+
+
+_LAYER = re.compile(r"^(.*?\.\d+)\.")  # the first numbered module of a path: model.layers.3, encoder.layer.0
+
+
+def _pack_for_decoding(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """CPU copies, in ``dtype``, of the weights a decode step streams, in huge-page blocks
+    (``evolm.checkpoint.host_memory``): the ``nn.Linear`` weights of each numbered layer side by side
+    in the model's own order (q, k, v, o, gate, up, down), and every other floating tensor of at
+    least 2 MB (embeddings, output head) in a block of its own. Only ``nn.Linear`` weights share a
+    layer's block, so swapping all of them out (QLoRA's quantisation) frees it.
+    """
+    layers: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        key = f"{name}.weight"
+        if isinstance(module, nn.Linear) and key in state and (m := _LAYER.match(name)):
+            layers.setdefault(m.group(1), []).append(key)
+    grouped = {k for names in layers.values() for k in names}
+    size = torch.tensor([], dtype=dtype).element_size()
+    alone = [
+        [k]
+        for k, v in state.items()
+        if k not in grouped and v.is_floating_point() and v.numel() * size >= host_memory.HUGE_PAGE
+    ]
+    out = {}
+    for names in [*layers.values(), *alone]:
+        out.update(zip(names, host_memory.pack([state[k] for k in names], dtype), strict=True))
+    return out
 
 
 def save_model(
