@@ -106,7 +106,6 @@ def read_bandwidth(nbytes: int, dtype: torch.dtype, passes: int = 5) -> list[flo
                 t0 = time.perf_counter()
                 view.sum()
                 rates.append(nbytes / (time.perf_counter() - t0))
-        del buf
     return rates
 
 

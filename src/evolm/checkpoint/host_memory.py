@@ -15,7 +15,7 @@ another, so its speed is the read bandwidth those streams reach. Two things rais
 Measured on the decode benchmark's weights (Zen 4, 2 threads, the gemv sequence of one step, as a
 share of ``sum()`` over one ordinary buffer of the same size): bf16 0.61 -> 0.73 when the host's
 memory is in its fast state, 0.89 -> 0.93 in its slow one (benchmarks/README.md). A huge-page
-buffer read by ``sum()`` itself is 1-6% faster than an ordinary one, so the decode benchmark's
+buffer read by ``sum()`` itself is 1-18% faster than an ordinary one, so the decode benchmark's
 bound takes the faster of the two.
 
 Where ``madvise`` is missing (not Linux) or refused, blocks are ordinary memory: same numbers,
@@ -68,15 +68,14 @@ def huge_page_empty(nbytes: int) -> torch.Tensor:
 def pack(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
     """Copies of ``tensors`` (floating point, any device) converted to ``dtype``, side by side in one
     huge-page CPU block in the order given; each is a contiguous view of the block."""
-    size = torch.tensor([], dtype=dtype).element_size()
     offsets, end = [], 0
     for t in tensors:
         offsets.append(end)
-        end += -(-t.numel() * size // _ALIGN) * _ALIGN
+        end += -(-t.numel() * dtype.itemsize // _ALIGN) * _ALIGN
     block = huge_page_empty(end)
     out = []
     for t, off in zip(tensors, offsets, strict=True):
-        view = block[off : off + t.numel() * size].view(dtype).view(t.shape)
+        view = block[off : off + t.numel() * dtype.itemsize].view(dtype).view(t.shape)
         view.copy_(t)
         out.append(view)
     return out

@@ -12,6 +12,7 @@ padded row computes exactly what it would alone.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -58,8 +59,11 @@ def decode_greedy(
     return logits.argmax(dim=-1), torch.isfinite(logits).all(dim=-1)
 
 
-_compiled_decode = None
-_compiled_greedy = None
+@functools.cache
+def _compile(step: Callable) -> Callable:
+    """``step`` through ``torch.compile`` (fullgraph), once per step function."""
+    decode_kernels.available()  # before tracing: the graph reads decode_kernels.loaded
+    return torch.compile(step, fullgraph=True, options={"size_asserts": False, "alignment_asserts": False})
 
 
 def compiled_decode_one_token() -> Callable:
@@ -74,23 +78,12 @@ def compiled_decode_one_token() -> Callable:
     checks on every intermediate are left out: the graph's inputs are the model's own tensors, and
     each check is a Python call per step (measured here: 3-8% of a bf16 step).
     """
-    global _compiled_decode
-    if _compiled_decode is None:
-        decode_kernels.available()  # before tracing: the graph reads decode_kernels.loaded
-        _compiled_decode = torch.compile(decode_one_token, fullgraph=True, options=_INDUCTOR_OPTIONS)
-    return _compiled_decode
+    return _compile(decode_one_token)
 
 
 def compiled_decode_greedy() -> Callable:
     """``decode_greedy`` compiled as ``compiled_decode_one_token`` is (greedy decoding's step)."""
-    global _compiled_greedy
-    if _compiled_greedy is None:
-        decode_kernels.available()
-        _compiled_greedy = torch.compile(decode_greedy, fullgraph=True, options=_INDUCTOR_OPTIONS)
-    return _compiled_greedy
-
-
-_INDUCTOR_OPTIONS = {"size_asserts": False, "alignment_asserts": False}
+    return _compile(decode_greedy)
 
 
 # Compiled steps after this many in one generate call skip Dynamo's full guard check (~0.5 ms per step
@@ -229,8 +222,10 @@ def generate_stream(
     context = input_ids
     generated: list[list[int]] = [[] for _ in range(b)]
 
-    logits = prefill(model, input_ids, cache, mask, positions)
-    token = sample_next(logits, sampling, context if repetition_penalty != 1.0 else None, generator)
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        return sample_next(logits, sampling, context if repetition_penalty != 1.0 else None, generator)
+
+    token = choose(prefill(model, input_ids, cache, mask, positions))
     next_pos = positions[:, -1:] + 1  # (B, 1)
     for step in range(max_new_tokens):
         token = torch.where(finished, torch.full_like(token, fill), token)
@@ -257,8 +252,7 @@ def generate_stream(
                 if not bool(finite.all()):
                     raise nonfinite_logits_error(finite)
             else:
-                logits = decode(model, token[:, None], cache, mask, next_pos)
-                token = sample_next(logits, sampling, context if repetition_penalty != 1.0 else None, generator)
+                token = choose(decode(model, token[:, None], cache, mask, next_pos))
         next_pos = next_pos + 1
 
 

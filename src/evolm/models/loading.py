@@ -188,11 +188,10 @@ def _pack_for_decoding(model: nn.Module, state: dict[str, torch.Tensor], dtype: 
         if isinstance(module, nn.Linear) and key in state and (m := _LAYER.match(name)):
             layers.setdefault(m.group(1), []).append(key)
     grouped = {k for names in layers.values() for k in names}
-    size = torch.tensor([], dtype=dtype).element_size()
     alone = [
         [k]
         for k, v in state.items()
-        if k not in grouped and v.is_floating_point() and v.numel() * size >= host_memory.HUGE_PAGE
+        if k not in grouped and v.is_floating_point() and v.numel() * dtype.itemsize >= host_memory.HUGE_PAGE
     ]
     out = {}
     for names in [*layers.values(), *alone]:

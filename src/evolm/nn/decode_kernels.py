@@ -3,9 +3,9 @@ and one-query attention over a KV cache.
 
 ``evolm.generate`` loads them (``available()``) before its first CPU step; from then on every
 inference ``Linear`` over one row and every one-query ``attend`` without a score bias runs them,
-eagerly or inside a compiled step; projections of one input (q/k/v, gate/up) run as one call
-(``gemv_group``, through ``evolm.nn.linear.linear_group``) (measured here, eager decode of the benchmark's model: fp32
-31.9 -> 41.5 tok/s, bf16 49.7 -> 60.4).
+eagerly or inside a compiled step (measured here, eager decode of the benchmark's model: fp32
+31.9 -> 41.5 tok/s, bf16 49.7 -> 60.4), and the projections of one input (q/k/v, gate/up) run as
+one ``gemv_group`` call (through ``evolm.nn.linear.linear_group``).
 
 A decode step at batch 1 is bound by how fast its products stream their weights from memory (the
 roofline of Williams et al., 2009). Inductor's multiply-and-sum loop (``evolm.nn.linear._gemv``)

@@ -132,41 +132,18 @@ class _OneDNNLinear(torch.autograd.Function):
 def linear_group(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
     """``[layer(x) for layer in layers]``: the projections of one input (q/k/v, gate/up).
 
-    A one-row inference product of plain ``Linear`` layers (a decode step at batch 1) runs them as
-    one call of the AVX-512 kernel once ``decode_kernels.available()`` has loaded it: one parallel
-    region instead of one per layer, the weights streamed one after another (measured over the
-    decode benchmark's weights: 85 -> 49 calls a step, bf16 +4-5% of ``sum()`` bandwidth). Anything
-    else (adapters, quantised or hooked layers, training, autocast, several rows) calls each layer.
+    Where every layer is a plain ``Linear`` without hooks whose product with ``x`` runs the AVX-512
+    kernel (``Linear._runs_kernel``: a one-row inference product, i.e. a decode step at batch 1), they
+    run as one kernel call: one parallel region instead of one per layer, the weights streamed one
+    after another (measured over the decode benchmark's weights: 85 -> 49 calls a step, bf16 +4-5%
+    of ``sum()`` bandwidth). Anything else (adapters, quantised or hooked layers, training,
+    autocast, several rows) calls each layer.
     """
-    if (
-        decode_kernels.loaded
-        and _ENABLED
-        and x.device.type == "cpu"
-        and type(x) in _PLAIN
-        and x.dtype in _INFER_DTYPES
-        and x.shape[:-1].numel() == 1
-        and not torch.is_autocast_enabled("cpu")
-        and all(_plain_inference_layer(m, x) for m in layers)
-    ):
+    if all(type(m) is Linear and not (m._forward_hooks or m._forward_pre_hooks) and m._runs_kernel(x) for m in layers):
         return decode_kernels.gemv_group(
             x, [m.weight.detach() for m in layers], [None if m.bias is None else m.bias.detach() for m in layers]
         )
     return [m(x) for m in layers]
-
-
-def _plain_inference_layer(m: nn.Module, x: torch.Tensor) -> bool:
-    """``m`` is an evolm ``Linear`` with no hooks whose product with ``x`` needs no gradient."""
-    if type(m) is not Linear:
-        return False
-    w, b = m.weight, m.bias
-    needs_grad = x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)
-    return (
-        not (m._forward_hooks or m._forward_pre_hooks)
-        and type(w) in _PLAIN
-        and w.dtype == x.dtype
-        and (b is None or (type(b) in _PLAIN and b.dtype == x.dtype))
-        and not (torch.is_grad_enabled() and needs_grad)
-    )
 
 
 class Linear(nn.Linear):
@@ -182,9 +159,33 @@ class Linear(nn.Linear):
             self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1))
         return self._packed[1]
 
+    def _runs_kernel(self, x: torch.Tensor) -> bool:
+        """``self(x)`` is a one-row inference product (a decode step at batch 1) that the AVX-512
+        kernel of ``evolm.nn.decode_kernels`` runs: loaded, CPU, float32/bf16 of one dtype, no
+        autocast, no gradient. Cheapest tests first: outside generation the first one fails."""
+        w, b = self.weight, self.bias
+        return (
+            decode_kernels.loaded
+            and x.shape[:-1].numel() == 1
+            and _ENABLED
+            and x.device.type == "cpu"
+            and x.numel() > 0
+            and type(x) in _PLAIN
+            and type(w) in _PLAIN
+            and (b is None or (type(b) in _PLAIN and b.dtype == x.dtype))
+            and x.dtype in _INFER_DTYPES
+            and w.dtype == x.dtype
+            and not torch.is_autocast_enabled("cpu")
+            and not (
+                torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
+            )
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features)."""
         w, b = self.weight, self.bias
+        if self._runs_kernel(x):
+            return decode_kernels.gemv(x, w.detach(), b.detach() if b is not None else None)
         if (
             not _ENABLED
             or x.device.type != "cpu"
@@ -210,11 +211,8 @@ class Linear(nn.Linear):
             b = b.to(dtype) if b is not None else None
         if training:
             return _OneDNNLinear.apply(x, w, b)
-        if not autocast and x.shape[:-1].numel() == 1:  # one row: a decode step at batch 1
-            if decode_kernels.loaded:
-                return decode_kernels.gemv(x, w.detach(), b.detach() if b is not None else None)
-            if torch.compiler.is_compiling():
-                return _gemv(x, w.detach(), b.detach() if b is not None else None)
+        if not autocast and x.shape[:-1].numel() == 1 and torch.compiler.is_compiling():  # a compiled decode
+            return _gemv(x, w.detach(), b.detach() if b is not None else None)  # step without the kernel
         if dtype == torch.bfloat16 and w is self.weight and not torch.compiler.is_compiling():
             w = self._packed_weight()  # a bf16 model: reorder once; an autocast copy is used as it is
         return _mm(x, w.detach(), b.detach() if b is not None else None)
