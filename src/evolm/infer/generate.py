@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from evolm.errors import ConfigError
+from evolm.infer.native_step import native_step
 from evolm.infer.sampling import SamplingConfig, nonfinite_logits_error, sample_next
 from evolm.nn import decode_kernels
 
@@ -168,6 +169,7 @@ def generate_stream(
     tokenizer=None,
     cache: list | None = None,
     compile: bool = False,
+    native: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), one step at a time; arguments as ``generate``.
 
@@ -213,9 +215,12 @@ def generate_stream(
         cache = model.new_cache(b, size, static=compile)
     if device.type == "cpu":
         decode_kernels.available()  # eager steps use the AVX-512 kernels too (built once, ~7 s, then cached)
+    greedy = sampling.greedy and repetition_penalty == 1.0
+    # Batch-1 CPU steps of the models it covers run as one native call (evolm.infer.native_step).
+    one_call = native_step(model, cache) if native and device.type == "cpu" and b == 1 and mask is None else None
     # Greedy compiled steps choose inside the graph; otherwise tokens come from sample_next.
-    greedy_step = compiled_decode_greedy() if compile and sampling.greedy and repetition_penalty == 1.0 else None
-    decode = compiled_decode_one_token() if compile else decode_one_token
+    greedy_step = compiled_decode_greedy() if compile and greedy and one_call is None else None
+    decode = compiled_decode_one_token() if compile and one_call is None else decode_one_token
     fill = eos[0] if eos else 0
     eos_t = torch.tensor(eos, device=device) if eos else None
     finished = torch.zeros(b, dtype=torch.bool, device=device)
@@ -245,6 +250,13 @@ def generate_stream(
             context = torch.cat([context, token[:, None]], dim=1)
         if mask is not None:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if one_call is not None:
+            logits, best, finite = one_call(int(token[0]), int(next_pos[0, 0]))
+            if greedy and not bool(finite[0]):
+                raise nonfinite_logits_error(finite)
+            token = best if greedy else choose(logits)
+            next_pos = next_pos + 1
+            continue
         skip_guards = compile and step >= _FULL_GUARD_STEPS
         with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if skip_guards else contextlib.nullcontext():
             if greedy_step is not None:
@@ -272,6 +284,7 @@ def generate(
     tokenizer=None,
     cache: list | None = None,
     compile: bool = False,
+    native: bool = True,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` tokens after ``input_ids``.
 
@@ -294,6 +307,10 @@ def generate(
         compile: Run decode steps through ``torch.compile`` over a static cache (gpt-fast): the
             first call compiles for tens of seconds, then each step is faster (see
             benchmarks/README.md); worth it for long or repeated generations.
+        native: Run each batch-1 decode step on a CPU as one native call where the model is covered
+            (pre-norm Llama-style decoders: ``evolm.infer.native_step``); it is faster than eager and
+            compiled steps and needs no compiling, so ``compile`` then applies only to what it does
+            not cover. False runs the model's modules (eagerly, or compiled with ``compile``).
 
     Returns:
         (B, T + n) LongTensor, n <= max_new_tokens the steps run; finished rows are filled with EOS.
@@ -315,6 +332,7 @@ def generate(
             tokenizer=tokenizer,
             cache=cache,
             compile=compile,
+            native=native,
         )
     )
     new = torch.stack(steps, dim=1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)

@@ -31,13 +31,16 @@ found, ``available()`` is False and callers keep Inductor's ``_gemv`` loop and S
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import platform
 from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("kernels") / "decode.cpp"
+_KERNELS = Path(__file__).with_name("kernels")
+_SOURCES = (_KERNELS / "decode.cpp", _KERNELS / "decode_step.cpp")
+_HEADERS = (_KERNELS / "simd.h",)
 _REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
 _log = logging.getLogger(__name__)
 loaded = False  # set by available(); read inside compiled graphs, where building is not possible
@@ -62,6 +65,14 @@ def supported() -> bool:
     return all(flag in _cpu_flags() for flag in _REQUIRED_FLAGS)
 
 
+def _digest() -> str:
+    """A short hash of the kernel sources and headers."""
+    h = hashlib.sha256()
+    for p in (*_SOURCES, *_HEADERS):
+        h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
 @functools.cache
 def available() -> bool:
     """Build (once per machine) and load the kernels; False, with the reason logged, where it cannot run."""
@@ -72,8 +83,8 @@ def available() -> bool:
 
     try:
         cpp_extension.load(
-            name="evolm_decode_kernels",
-            sources=[str(_SOURCE)],
+            name=f"evolm_decode_kernels_{_digest()}",  # a changed header rebuilds too (load hashes sources only)
+            sources=[str(p) for p in _SOURCES],
             extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
@@ -83,7 +94,7 @@ def available() -> bool:
         _log.warning("evolm decode kernels could not be built (%s); compiled decoding uses Inductor's loops", err)
         return False
     global loaded
-    loaded = hasattr(torch.ops.evolm_kernels, "decode_attention")
+    loaded = hasattr(torch.ops.evolm_kernels, "decode_step")
     return loaded
 
 

@@ -1,0 +1,366 @@
+// A whole decode step of a pre-norm Llama-style decoder at batch 1 in one native call, registered as
+// evolm_kernels::decode_step (loaded by evolm/nn/decode_kernels.py, driven by evolm/infer/native_step.py):
+//
+//   decode_step(Tensor[] layers, Tensor[] k_cache, Tensor[] v_cache, Tensor embed, Tensor norm, Tensor head,
+//               Tensor cos, Tensor sin, int token, int pos, int n_heads, float eps, float scale)
+//     -> (Tensor logits, Tensor next, Tensor finite)
+//
+// Why. At batch 1 a step reads every weight once, so its speed limit is memory bandwidth (Williams et al.,
+// 2009). Run as ~85 product calls and ~100 small ops from Python or a compiled graph, the memory sits idle
+// between calls and each thread's stream restarts at every call; here the step is one OpenMP parallel
+// region (the approach of llama.cpp's graph compute on a fixed thread pool). Each thread takes a
+// contiguous share of every product's rows; stages that need the whole of the previous stage's output
+// meet at a barrier, and a thread waiting there prefetches the start of its share of the next weight, so
+// the memory keeps streaming through the wait.
+//
+// Per layer (x the residual stream, in the model's dtype):
+//   h = rmsnorm(x)                        every thread, for itself (no barrier)
+//   q, k, v = h Wq^T + bq, ...            rows of [Wq; Wk; Wv] split across threads     | barrier
+//   rope(q), rope(k); cache[pos] = k, v   heads split across threads                    | barrier
+//   o = attention(q, cache[0..pos])       query heads split                             | barrier
+//   x += o Wo^T                           rows split, each thread adds its rows         | barrier
+//   h = rmsnorm(x); a = silu(h Wg^T) * (h Wu^T)   the inner index split                 | barrier
+//   x += a Wd^T                           rows split                                    | barrier
+// then logits = rmsnorm(x) Head^T (rows split) with each thread's argmax and finiteness, combined.
+//
+// Numerics follow the module path (evolm.nn.norm / rope / mlp under the decode kernels of decode.cpp):
+// products and norms in float32, every intermediate rounded to the model's dtype where the module path
+// stores one, so a bf16 step computes what the modules compute up to the order of float32 sums.
+//
+// layers: 12 tensors per layer, [in_norm, Wq, Wk, Wv, bq, bk, bv, Wo, post_norm, Wg, Wu, Wd]; a bias
+// is a float32 vector or an empty tensor for none. Caches (1, K, S, D) contiguous, the model's dtype.
+// cos/sin: (positions, R) rotary tables in the model's dtype, R <= D rotating the first R channels of
+// each head in the "rotate half" layout (GPT-NeoX / Hugging Face).
+
+#include <omp.h>
+
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include "simd.h"
+
+namespace {
+
+using namespace evolm_simd;
+
+// Bytes of its next weight share a thread prefetches (into L2) while it waits at a barrier.
+constexpr int64_t kWaitPrefetch = 64 * 1024;
+
+// A sense-reversing spin barrier for the threads of one parallel region. While it waits, a thread
+// prefetches the next region it will stream (`Prefetcher`), so waiting keeps memory busy.
+struct alignas(64) Barrier {
+  std::atomic<int> count{0};
+  char pad[64 - sizeof(std::atomic<int>)];
+  std::atomic<int> generation{0};
+};
+
+struct Prefetcher {
+  const char* p = nullptr;
+  const char* end = nullptr;
+  void next(const void* begin, int64_t bytes) {
+    p = static_cast<const char*>(begin);
+    end = p + std::min(bytes, kWaitPrefetch);
+  }
+  bool pump() {
+    if (p >= end) return false;
+    _mm_prefetch(p, _MM_HINT_T1);
+    p += 64;
+    return true;
+  }
+};
+
+void wait(Barrier& b, int n, Prefetcher& pf) {
+  if (n == 1) return;
+  const int g = b.generation.load(std::memory_order_acquire);
+  if (b.count.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
+    b.count.store(0, std::memory_order_relaxed);
+    b.generation.store(g + 1, std::memory_order_release);
+    return;
+  }
+  while (b.generation.load(std::memory_order_acquire) == g)
+    if (!pf.pump()) _mm_pause();
+}
+
+// [lo, hi) of thread t's contiguous share of n items.
+inline void share(int64_t n, int t, int nt, int64_t& lo, int64_t& hi) {
+  lo = n * t / nt;
+  hi = n * (t + 1) / nt;
+}
+
+// Storage type of T as the dot products read it.
+template <typename T>
+struct Raw;
+template <>
+struct Raw<float> {
+  using type = float;
+};
+template <>
+struct Raw<c10::BFloat16> {
+  using type = uint16_t;
+};
+
+template <typename T>
+inline float f32(T v) {
+  return static_cast<float>(v);
+}
+// v rounded to T (bf16: round to nearest even), back as float: what the module path stores.
+template <typename T>
+inline float rnd(float v) {
+  return static_cast<float>(T(v));
+}
+
+template <typename T>
+inline const typename Raw<T>::type* raw(const T* p) {
+  return reinterpret_cast<const typename Raw<T>::type*>(p);
+}
+
+// y[o] = dot(W[o], x) + b[o], rounded to T, for rows [lo, hi) of W (n x k).
+template <typename T>
+void rows(const T* w, const float* b, const T* x, int64_t k, int64_t lo, int64_t hi, T* y) {
+  if (lo >= hi) return;
+  prefetch_start(w + lo * k, w + hi * k);
+  for (int64_t o = lo; o < hi; ++o) y[o] = T(dot_row(raw(w + o * k), raw(x), k) + (b ? b[o] : 0.0f));
+}
+
+// RMSNorm (Zhang & Sennrich, 2019) as evolm.nn.norm.RMSNorm: float32 statistics, x * rsqrt(mean(x^2) + eps)
+// rounded to T, times the weight, rounded again.
+template <typename T>
+void rmsnorm(const T* x, const T* w, int64_t n, float eps, T* out) {
+  float ss = 0.0f;
+  for (int64_t i = 0; i < n; ++i) ss += f32(x[i]) * f32(x[i]);
+  const float r = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = T(f32(w[i]) * rnd<T>(f32(x[i]) * r));
+}
+
+// Rotary embedding (Su et al., 2021) of one head in place, "rotate half" pairs (i, i + R/2), as
+// evolm.nn.rope.apply_rope: x * cos + rotate_half(x) * sin with each product and the sum rounded to T.
+template <typename T>
+void rope(T* v, const T* cos, const T* sin, int64_t R) {
+  const int64_t h = R / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = f32(v[i]), b = f32(v[i + h]);
+    v[i] = T(rnd<T>(a * f32(cos[i])) + rnd<T>(-b * f32(sin[i])));
+    v[i + h] = T(rnd<T>(b * f32(cos[i + h])) + rnd<T>(a * f32(sin[i + h])));
+  }
+}
+
+struct Layer {
+  const void *in_norm, *wq, *wk, *wv, *wo, *post_norm, *wg, *wu, *wd;
+  const float *bq, *bk, *bv;
+  void *kc, *vc;
+};
+
+template <typename T>
+void run_step(const std::vector<Layer>& layers, const T* embed, const T* norm, const T* head, const T* cos,
+              const T* sin, int64_t token, int64_t pos, int64_t C, int64_t H, int64_t K, int64_t D, int64_t R,
+              int64_t F, int64_t V, int64_t S, float eps, float scale, T* logits, int64_t* next, bool* finite) {
+  const int64_t G = H / K, Nq = H * D, Nk = K * D;
+  std::vector<T> x(embed + token * C, embed + (token + 1) * C);
+  std::vector<T> qkv(Nq + 2 * Nk), att(Nq), gate(F), up(F), act(F), y(C);
+  T *q = qkv.data(), *k = q + Nq, *v = k + Nk;
+  const T* cs = cos + pos * R;
+  const T* sn = sin + pos * R;
+  const int nt = std::max(1, at::get_num_threads());
+  std::vector<float> best(nt);
+  std::vector<int64_t> arg(nt);
+  std::vector<char> ok(nt);
+  Barrier bar;
+
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), n = omp_get_num_threads();
+    std::vector<T> h(std::max(C, F));
+    std::vector<float> scores(pos + 1);
+    Prefetcher pf;
+    int64_t lo, hi;
+    for (const Layer& L : layers) {
+      // q, k, v: one range over the rows of [Wq; Wk; Wv].
+      rmsnorm(x.data(), static_cast<const T*>(L.in_norm), C, eps, h.data());
+      share(Nq + 2 * Nk, t, n, lo, hi);
+      rows(static_cast<const T*>(L.wq), L.bq, h.data(), C, std::min(lo, Nq), std::min(hi, Nq), q);
+      rows(static_cast<const T*>(L.wk), L.bk, h.data(), C, std::clamp(lo - Nq, int64_t{0}, Nk),
+           std::clamp(hi - Nq, int64_t{0}, Nk), k);
+      rows(static_cast<const T*>(L.wv), L.bv, h.data(), C, std::clamp(lo - Nq - Nk, int64_t{0}, Nk),
+           std::clamp(hi - Nq - Nk, int64_t{0}, Nk), v);
+      int64_t olo, ohi;
+      share(C, t, n, olo, ohi);
+      pf.next(static_cast<const T*>(L.wo) + olo * Nq, (ohi - olo) * Nq * static_cast<int64_t>(sizeof(T)));
+      wait(bar, n, pf);
+      // Rotary embedding of this thread's query heads and key/value heads; keys and values into the cache.
+      share(H, t, n, lo, hi);
+      for (int64_t i = lo; i < hi; ++i) rope(q + i * D, cs, sn, R);
+      share(K, t, n, lo, hi);
+      for (int64_t j = lo; j < hi; ++j) {
+        rope(k + j * D, cs, sn, R);
+        T* kd = static_cast<T*>(L.kc) + (j * S + pos) * D;
+        T* vd = static_cast<T*>(L.vc) + (j * S + pos) * D;
+        std::copy(k + j * D, k + (j + 1) * D, kd);
+        std::copy(v + j * D, v + (j + 1) * D, vd);
+      }
+      wait(bar, n, pf);
+      // Attention of this thread's query heads over positions 0..pos, a key/value head's group at a time.
+      share(H, t, n, lo, hi);
+      for (int64_t i = lo; i < hi;) {
+        const int64_t j = i / G, end = std::min(hi, (j + 1) * G);
+        attend_group<T>(q + i * D, static_cast<const T*>(L.kc) + j * S * D, static_cast<const T*>(L.vc) + j * S * D,
+                        nullptr, end - i, pos + 1, D, D, scale, scores.data(), att.data() + i * D);
+        i = end;
+      }
+      wait(bar, n, pf);
+      // x += att Wo^T, each thread its rows; then the MLP's gate and up rows of its share of the inner index.
+      rows(static_cast<const T*>(L.wo), nullptr, att.data(), Nq, olo, ohi, y.data());
+      for (int64_t o = olo; o < ohi; ++o) x[o] = T(f32(x[o]) + f32(y[o]));
+      int64_t flo, fhi;
+      share(F, t, n, flo, fhi);
+      pf.next(static_cast<const T*>(L.wg) + flo * C, (fhi - flo) * C * static_cast<int64_t>(sizeof(T)));
+      wait(bar, n, pf);
+      rmsnorm(x.data(), static_cast<const T*>(L.post_norm), C, eps, h.data());
+      rows(static_cast<const T*>(L.wg), nullptr, h.data(), C, flo, fhi, gate.data());
+      rows(static_cast<const T*>(L.wu), nullptr, h.data(), C, flo, fhi, up.data());
+      for (int64_t i = flo; i < fhi; ++i) {  // silu(g) * u, each rounded as F.silu and the product are
+        const float g = f32(gate[i]);
+        act[i] = T(rnd<T>(g / (1.0f + std::exp(-g))) * f32(up[i]));
+      }
+      pf.next(static_cast<const T*>(L.wd) + olo * F, (ohi - olo) * F * static_cast<int64_t>(sizeof(T)));
+      wait(bar, n, pf);
+      rows(static_cast<const T*>(L.wd), nullptr, act.data(), F, olo, ohi, y.data());
+      for (int64_t o = olo; o < ohi; ++o) x[o] = T(f32(x[o]) + f32(y[o]));
+      if (&L != &layers.back()) {
+        const Layer& N = *(&L + 1);
+        int64_t nlo, nhi;
+        share(Nq + 2 * Nk, t, n, nlo, nhi);
+        const T* first = nlo < Nq ? static_cast<const T*>(N.wq) + nlo * C
+                         : nlo < Nq + Nk ? static_cast<const T*>(N.wk) + (nlo - Nq) * C
+                                         : static_cast<const T*>(N.wv) + (nlo - Nq - Nk) * C;
+        pf.next(first, (nhi - nlo) * C * static_cast<int64_t>(sizeof(T)));
+      } else {
+        int64_t vlo, vhi;
+        share(V, t, n, vlo, vhi);
+        pf.next(head + vlo * C, (vhi - vlo) * C * static_cast<int64_t>(sizeof(T)));
+      }
+      wait(bar, n, pf);
+    }
+    // Logits of this thread's vocabulary rows, their argmax (first index of the largest) and finiteness.
+    rmsnorm(x.data(), norm, C, eps, h.data());
+    share(V, t, n, lo, hi);
+    rows(head, nullptr, h.data(), C, lo, hi, logits);
+    float m = -std::numeric_limits<float>::infinity();
+    int64_t a = lo;
+    bool fin = true;
+    for (int64_t o = lo; o < hi; ++o) {
+      const float z = f32(logits[o]);
+      fin = fin && std::isfinite(z);
+      if (z > m) {
+        m = z;
+        a = o;
+      }
+    }
+    best[t] = m;
+    arg[t] = a;
+    ok[t] = fin;
+  }
+  *next = arg[0];
+  *finite = true;
+  float m = best[0];
+  for (int i = 0; i < nt; ++i) {
+    *finite = *finite && ok[i];
+    if (best[i] > m) {
+      m = best[i];
+      *next = arg[i];
+    }
+  }
+}
+
+const void* ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_step_cpu(at::TensorList layers, at::TensorList k_cache,
+                                                               at::TensorList v_cache, const at::Tensor& embed,
+                                                               const at::Tensor& norm, const at::Tensor& head,
+                                                               const at::Tensor& cos, const at::Tensor& sin,
+                                                               int64_t token, int64_t pos, int64_t n_heads,
+                                                               double eps, double scale) {
+  constexpr size_t kPerLayer = 12;
+  const auto dtype = embed.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "evolm::decode_step: float32 or bfloat16 only, got ",
+              dtype);
+  const size_t n_layers = k_cache.size();
+  TORCH_CHECK(n_layers > 0 && layers.size() == kPerLayer * n_layers && v_cache.size() == n_layers,
+              "evolm::decode_step: ", layers.size(), " layer tensors (12 per layer) for ", n_layers, " caches");
+  TORCH_CHECK(embed.dim() == 2 && embed.is_contiguous(), "evolm::decode_step: embed must be a contiguous (V, C) matrix");
+  const int64_t C = embed.size(1), V = head.size(0);
+  TORCH_CHECK(token >= 0 && token < embed.size(0), "evolm::decode_step: token ", token, " outside 0..",
+              embed.size(0) - 1);
+  TORCH_CHECK(head.dim() == 2 && head.size(1) == C && head.is_contiguous() && head.scalar_type() == dtype,
+              "evolm::decode_step: head must be a contiguous (V, ", C, ") ", dtype, " matrix");
+  TORCH_CHECK(norm.numel() == C && norm.scalar_type() == dtype, "evolm::decode_step: final norm must have ", C,
+              " values");
+  const at::Tensor& kc0 = k_cache[0];
+  TORCH_CHECK(kc0.dim() == 4 && kc0.size(0) == 1, "evolm::decode_step: caches must be (1, K, S, D), got ",
+              kc0.sizes());
+  const int64_t K = kc0.size(1), S = kc0.size(2), D = kc0.size(3), H = n_heads;
+  TORCH_CHECK(H > 0 && H % K == 0, "evolm::decode_step: ", K, " key/value heads do not divide ", H, " heads");
+  TORCH_CHECK(pos >= 0 && pos < S, "evolm::decode_step: position ", pos, " outside the cache's ", S, " slots");
+  TORCH_CHECK(cos.dim() == 2 && sin.sizes() == cos.sizes() && cos.size(0) > pos && cos.size(1) <= D &&
+                  cos.size(1) % 2 == 0 && cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == dtype &&
+                  sin.scalar_type() == dtype,
+              "evolm::decode_step: rotary tables must be contiguous (positions > ", pos, ", R <= ", D, ", R even) ",
+              dtype);
+  const int64_t R = cos.size(1);
+  const int64_t F = layers[9].size(0);
+  std::vector<Layer> ls;
+  for (size_t l = 0; l < n_layers; ++l) {
+    const at::Tensor* p = &layers[kPerLayer * l];
+    const std::vector<int64_t> want[] = {{C}, {H * D, C}, {K * D, C}, {K * D, C}, {}, {}, {}, {C, H * D}, {C},
+                                         {F, C}, {F, C}, {C, F}};
+    for (size_t i = 0; i < kPerLayer; ++i) {
+      if (i >= 4 && i <= 6) {  // biases: float32 (n,) or empty
+        const int64_t n = i == 4 ? H * D : K * D;
+        TORCH_CHECK(p[i].numel() == 0 || (p[i].numel() == n && p[i].scalar_type() == at::kFloat && p[i].is_contiguous()),
+                    "evolm::decode_step: layer ", l, " tensor ", i, " must be an empty tensor or a float32 bias of ", n);
+        continue;
+      }
+      TORCH_CHECK(p[i].sizes() == at::IntArrayRef(want[i]) && p[i].scalar_type() == dtype && p[i].is_contiguous(),
+                  "evolm::decode_step: layer ", l, " tensor ", i, " must be a contiguous ", dtype, " tensor of ",
+                  at::IntArrayRef(want[i]), ", got ", p[i].scalar_type(), " ", p[i].sizes());
+    }
+    for (const at::Tensor* c : {&k_cache[l], &v_cache[l]})
+      TORCH_CHECK(c->sizes() == kc0.sizes() && c->scalar_type() == dtype && c->is_contiguous(),
+                  "evolm::decode_step: layer ", l, " cache must be a contiguous ", dtype, " tensor of ", kc0.sizes());
+    ls.push_back({ptr(p[0]), ptr(p[1]), ptr(p[2]), ptr(p[3]), ptr(p[7]), ptr(p[8]), ptr(p[9]), ptr(p[10]), ptr(p[11]),
+                  static_cast<const float*>(ptr(p[4])), static_cast<const float*>(ptr(p[5])),
+                  static_cast<const float*>(ptr(p[6])), k_cache[l].data_ptr(), v_cache[l].data_ptr()});
+  }
+  at::Tensor logits = at::empty({1, V}, embed.options());
+  at::Tensor next = at::empty({1}, embed.options().dtype(at::kLong));
+  at::Tensor finite = at::empty({1}, embed.options().dtype(at::kBool));
+  if (dtype == at::kFloat)
+    run_step<float>(ls, embed.data_ptr<float>(), norm.data_ptr<float>(), head.data_ptr<float>(), cos.data_ptr<float>(),
+                    sin.data_ptr<float>(), token, pos, C, H, K, D, R, F, V, S, static_cast<float>(eps),
+                    static_cast<float>(scale), logits.data_ptr<float>(), next.data_ptr<int64_t>(),
+                    finite.data_ptr<bool>());
+  else
+    run_step<c10::BFloat16>(ls, embed.data_ptr<c10::BFloat16>(), norm.data_ptr<c10::BFloat16>(),
+                            head.data_ptr<c10::BFloat16>(), cos.data_ptr<c10::BFloat16>(),
+                            sin.data_ptr<c10::BFloat16>(), token, pos, C, H, K, D, R, F, V, S, static_cast<float>(eps),
+                            static_cast<float>(scale), logits.data_ptr<c10::BFloat16>(), next.data_ptr<int64_t>(),
+                            finite.data_ptr<bool>());
+  return {logits, next, finite};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(evolm_kernels, m) {
+  m.def(
+      "decode_step(Tensor[] layers, Tensor[] k_cache, Tensor[] v_cache, Tensor embed, Tensor norm, Tensor head, "
+      "Tensor cos, Tensor sin, int token, int pos, int n_heads, float eps, float scale) -> (Tensor, Tensor, Tensor)");
+}
+TORCH_LIBRARY_IMPL(evolm_kernels, CPU, m) { m.impl("decode_step", decode_step_cpu); }
