@@ -81,20 +81,21 @@ def unsupported(model: nn.Module, cache: list) -> str | None:
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return "global module hooks are registered"
     embed = model.model.embed_tokens
-    if type(embed) is not nn.Embedding or _hooked(embed) or _hooked(model.model.norm):
+    if type(embed) is not nn.Embedding or _hooked(embed) or type(model.model.norm) is not RMSNorm:
         return "the embedding or final norm has hooks or is replaced"
     modules = [model.model.norm]
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if type(attn) is not SelfAttention or type(mlp) is not GatedMLP or _hooked(layer):
             return "a layer's attention or MLP is replaced or hooked"
-        modules += [layer.input_layernorm, layer.post_attention_layernorm, attn, mlp]
-        modules += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+        projections = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        if any(type(m) is not RMSNorm for m in norms) or any(type(m) is not Linear for m in projections):
+            return "a layer's norm or projection is replaced (adapters such as LoRA, quantisation)"
+        modules += [attn, mlp, *norms, *projections]
     for m in modules:
-        if _hooked(m) or (isinstance(m, nn.Linear) and type(m) is not Linear) or (
-            isinstance(m, RMSNorm) and type(m) is not RMSNorm
-        ):
-            return f"{type(m).__name__} is hooked or replaced (adapters, quantisation)"
+        if _hooked(m):
+            return f"a {type(m).__name__} has hooks"
         if isinstance(m, RMSNorm) and m.eps != cfg.norm.eps:
             return "norms of different eps"
     dtype = embed.weight.dtype

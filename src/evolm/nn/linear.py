@@ -213,6 +213,8 @@ class Linear(nn.Linear):
             return _OneDNNLinear.apply(x, w, b)
         if not autocast and x.shape[:-1].numel() == 1 and torch.compiler.is_compiling():  # a compiled decode
             return _gemv(x, w.detach(), b.detach() if b is not None else None)  # step without the kernel
-        if dtype == torch.bfloat16 and w is self.weight and not torch.compiler.is_compiling():
-            w = self._packed_weight()  # a bf16 model: reorder once; an autocast copy is used as it is
+        if dtype == torch.bfloat16 and w is self.weight and not torch.compiler.is_compiling() and not w.is_inference():
+            # a bf16 model: reorder once; an autocast copy is used as it is, and so is a weight made under
+            # inference_mode, which has no version counter to tell when a cached reordering went stale
+            w = self._packed_weight()
         return _mm(x, w.detach(), b.detach() if b is not None else None)
