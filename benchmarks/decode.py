@@ -41,6 +41,13 @@ from evolm.infer.generate import decode_one_token, generate, prefill
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TARGETS = {"fp32": 1.3, "bf16": 2.5}  # evolm decode tok/s as a multiple of HF fp32
 BOUND_TARGET = 0.8  # fraction of the bandwidth bound
+# evolm's decode paths: the default (each step one native call, evolm.infer.native_step), and the modules
+# run eagerly and through torch.compile.
+IMPLS = {
+    "evolm": {},
+    "evolm modules": {"native": False},
+    "evolm compiled": {"compile": True, "native": False},
+}
 
 
 def model_config() -> LlamaConfig:
@@ -170,7 +177,8 @@ def time_decode(
 
 
 def profile_evolm(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> str:
-    """torch.profiler table of ``steps`` evolm decode steps (prefill excluded), top ops by self CPU time."""
+    """torch.profiler table of ``steps`` decode steps of evolm's modules (prefill excluded), top ops by self CPU
+    time (a native step is one opaque call)."""
     b, t = ids.shape
     with torch.inference_mode():
         cache = model.new_cache(b, t + steps + 1)
@@ -277,9 +285,9 @@ def main() -> None:
             del hf, hf_gen
             rates += read_bandwidth(nbytes, dtype)
             model = evolm.load_model(tmp, dtype=dtype)
-            for impl, compiled in (("evolm", False), ("evolm compiled", True)):
+            for impl, how in IMPLS.items():
                 stats, out = time_decode(
-                    lambda k, model=model, c=compiled: generate(model, ids, k, compile=c),
+                    lambda k, model=model, how=how: generate(model, ids, k, **how),
                     n,
                     args.runs,
                     args.max_others,
@@ -351,7 +359,7 @@ def main() -> None:
         print(f"WARNING: other processes used > {args.max_others:.0%} of the CPUs while timing {', '.join(busy)}")
     agree = {}
     for name in dtypes:
-        for impl in ("evolm", "evolm compiled"):
+        for impl in IMPLS:
             same = tokens["HF", name] == tokens[impl, name]
             first = None if bool(same.all()) else int((~same).nonzero()[0])
             agree[f"{impl} {name}"] = {"equal": int(same.sum()), "of": n, "first_difference": first}

@@ -3,7 +3,7 @@
 At batch 1 a decode step reads every weight once and does little arithmetic with it, so its speed
 limit is the memory bandwidth (Williams et al., 2009, the roofline). The module path, eager or
 compiled, runs a step as ~85 product calls plus ~100 small operations; between calls the memory sits
-idle and each thread's stream of weights restarts. ``evolm_kernels::decode_step``
+idle and each thread's stream of weights restarts. ``torch.classes.evolm_kernels.DecodePlan``
 (``evolm/nn/kernels/decode_step.cpp``) runs the whole step in one OpenMP parallel region instead, the
 way llama.cpp computes its graph on a fixed pool of threads: each thread streams a contiguous share of
 every product's rows, stages meet at barriers, and a thread waiting at one prefetches its share of the
@@ -127,9 +127,6 @@ class NativeStep:
     def __init__(self, model: CausalLM, cache: list[KVCache]) -> None:
         cfg, a = model.cfg, model.cfg.attention
         self.cache = cache
-        self.n_heads = a.n_heads
-        self.eps = cfg.norm.eps
-        self.scale = a.scale if a.scale is not None else a.head_dim**-0.5
         none = torch.empty(0)
         layers: list[torch.Tensor] = []
         for layer in model.model.layers:
@@ -142,16 +139,21 @@ class NativeStep:
                 layer.post_attention_layernorm.weight,
                 mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
             ]
-        self.layers = [t.detach().contiguous() for t in layers]
-        self.embed = model.model.embed_tokens.weight.detach().contiguous()
-        self.norm = model.model.norm.weight.detach().contiguous()
-        self.head = model.lm_head.weight.detach().contiguous()
-        self.k = [c.k for c in cache]
-        self.v = [c.v for c in cache]
-        slots = cache[0].max_len
-        positions = torch.arange(slots)[None]
-        cos, sin = rope_cos_sin(a.rope, positions, dtype=self.embed.dtype)
-        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+        embed = model.model.embed_tokens.weight.detach().contiguous()
+        cos, sin = rope_cos_sin(a.rope, torch.arange(cache[0].max_len)[None], dtype=embed.dtype)
+        self.plan = torch.classes.evolm_kernels.DecodePlan(  # checks the tensors once; keeps them alive
+            [t.detach().contiguous() for t in layers],
+            [c.k for c in cache],
+            [c.v for c in cache],
+            embed,
+            model.model.norm.weight.detach().contiguous(),
+            model.lm_head.weight.detach().contiguous(),
+            cos[0].contiguous(),
+            sin[0].contiguous(),
+            a.n_heads,
+            cfg.norm.eps,
+            a.scale if a.scale is not None else a.head_dim**-0.5,
+        )
 
     def __call__(self, token: int, pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Feed ``token`` at position ``pos`` (the cache's length): logits (1, V) in the model's dtype,
@@ -164,10 +166,7 @@ class NativeStep:
                 f"KV cache overflow: {length} cached + 1 new token > max_len={self.cache[0].max_len}; "
                 "allocate the cache with a larger max_len"
             )
-        out = torch.ops.evolm_kernels.decode_step(
-            self.layers, self.k, self.v, self.embed, self.norm, self.head, self.cos, self.sin,
-            token, pos, self.n_heads, self.eps, self.scale,
-        )
+        out = self.plan.step(token, pos)
         for c in self.cache:
             c.length = length + 1
         return out

@@ -94,7 +94,7 @@ def available() -> bool:
         _log.warning("evolm decode kernels could not be built (%s); compiled decoding uses Inductor's loops", err)
         return False
     global loaded
-    loaded = hasattr(torch.ops.evolm_kernels, "decode_step")
+    loaded = hasattr(torch.ops.evolm_kernels, "decode_attention") and hasattr(torch.classes.evolm_kernels, "DecodePlan")
     return loaded
 
 

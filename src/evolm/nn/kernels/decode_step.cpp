@@ -1,9 +1,10 @@
-// A whole decode step of a pre-norm Llama-style decoder at batch 1 in one native call, registered as
-// evolm_kernels::decode_step (loaded by evolm/nn/decode_kernels.py, driven by evolm/infer/native_step.py):
+// A whole decode step of a pre-norm Llama-style decoder at batch 1 in one native call: the class
+// torch.classes.evolm_kernels.DecodePlan (loaded by evolm/nn/decode_kernels.py, driven by
+// evolm/infer/native_step.py) holds a model's and a cache's tensors, checked once, and runs steps:
 //
-//   decode_step(Tensor[] layers, Tensor[] k_cache, Tensor[] v_cache, Tensor embed, Tensor norm, Tensor head,
-//               Tensor cos, Tensor sin, int token, int pos, int n_heads, float eps, float scale)
-//     -> (Tensor logits, Tensor next, Tensor finite)
+//   DecodePlan(Tensor[] layers, Tensor[] k_cache, Tensor[] v_cache, Tensor embed, Tensor norm, Tensor head,
+//              Tensor cos, Tensor sin, int n_heads, float eps, float scale)
+//   .step(int token, int pos) -> (Tensor logits, Tensor next, Tensor finite)
 //
 // Why. At batch 1 a step reads every weight once, so its speed limit is memory bandwidth (Williams et al.,
 // 2009). Run as ~85 product calls and ~100 small ops from Python or a compiled graph, the memory sits idle
@@ -45,6 +46,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include "simd.h"
@@ -317,86 +319,105 @@ void run_step(const std::vector<Layer>& layers, const T* embed, const T* norm, c
 
 const void* ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_step_cpu(at::TensorList layers, at::TensorList k_cache,
-                                                               at::TensorList v_cache, const at::Tensor& embed,
-                                                               const at::Tensor& norm, const at::Tensor& head,
-                                                               const at::Tensor& cos, const at::Tensor& sin,
-                                                               int64_t token, int64_t pos, int64_t n_heads,
-                                                               double eps, double scale) {
-  constexpr size_t kPerLayer = 12;
-  const auto dtype = embed.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "evolm::decode_step: float32 or bfloat16 only, got ",
-              dtype);
-  const size_t n_layers = k_cache.size();
-  TORCH_CHECK(n_layers > 0 && layers.size() == kPerLayer * n_layers && v_cache.size() == n_layers,
-              "evolm::decode_step: ", layers.size(), " layer tensors (12 per layer) for ", n_layers, " caches");
-  TORCH_CHECK(embed.dim() == 2 && embed.is_contiguous(), "evolm::decode_step: embed must be a contiguous (V, C) matrix");
-  const int64_t C = embed.size(1), V = head.size(0);
-  TORCH_CHECK(token >= 0 && token < embed.size(0), "evolm::decode_step: token ", token, " outside 0..",
-              embed.size(0) - 1);
-  TORCH_CHECK(head.dim() == 2 && head.size(1) == C && head.is_contiguous() && head.scalar_type() == dtype,
-              "evolm::decode_step: head must be a contiguous (V, ", C, ") ", dtype, " matrix");
-  TORCH_CHECK(norm.numel() == C && norm.scalar_type() == dtype, "evolm::decode_step: final norm must have ", C,
-              " values");
-  const at::Tensor& kc0 = k_cache[0];
-  TORCH_CHECK(kc0.dim() == 4 && kc0.size(0) == 1, "evolm::decode_step: caches must be (1, K, S, D), got ",
-              kc0.sizes());
-  const int64_t K = kc0.size(1), S = kc0.size(2), D = kc0.size(3), H = n_heads;
-  TORCH_CHECK(H > 0 && H % K == 0, "evolm::decode_step: ", K, " key/value heads do not divide ", H, " heads");
-  TORCH_CHECK(pos >= 0 && pos < S, "evolm::decode_step: position ", pos, " outside the cache's ", S, " slots");
-  TORCH_CHECK(cos.dim() == 2 && sin.sizes() == cos.sizes() && cos.size(0) > pos && cos.size(1) <= D &&
-                  cos.size(1) % 2 == 0 && cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == dtype &&
-                  sin.scalar_type() == dtype,
-              "evolm::decode_step: rotary tables must be contiguous (positions > ", pos, ", R <= ", D, ", R even) ",
-              dtype);
-  const int64_t R = cos.size(1);
-  const int64_t F = layers[9].size(0);
-  std::vector<Layer> ls;
-  for (size_t l = 0; l < n_layers; ++l) {
-    const at::Tensor* p = &layers[kPerLayer * l];
-    const std::vector<int64_t> want[] = {{C}, {H * D, C}, {K * D, C}, {K * D, C}, {}, {}, {}, {C, H * D}, {C},
-                                         {F, C}, {F, C}, {C, F}};
-    for (size_t i = 0; i < kPerLayer; ++i) {
-      if (i >= 4 && i <= 6) {  // biases: float32 (n,) or empty
-        const int64_t n = i == 4 ? H * D : K * D;
-        TORCH_CHECK(p[i].numel() == 0 || (p[i].numel() == n && p[i].scalar_type() == at::kFloat && p[i].is_contiguous()),
-                    "evolm::decode_step: layer ", l, " tensor ", i, " must be an empty tensor or a float32 bias of ", n);
-        continue;
+// The tensors of one model and cache, checked once; step() runs one decode step over them. A class
+// rather than an operator taking the ~170 tensors each step: converting and checking them cost ~50 us
+// a call, ~1% of a step of the decode benchmark's model.
+struct DecodePlan : torch::CustomClassHolder {
+  static constexpr size_t kPerLayer = 12;
+  std::vector<at::Tensor> tensors;  // kept alive for the raw pointers below
+  std::vector<Layer> layers;
+  at::Tensor embed, norm, head, cos, sin;
+  int64_t C, H, K, D, R, F, V, S;
+  double eps, scale;
+
+  DecodePlan(std::vector<at::Tensor> layer_tensors, std::vector<at::Tensor> k_cache, std::vector<at::Tensor> v_cache,
+             at::Tensor embed_, at::Tensor norm_, at::Tensor head_, at::Tensor cos_, at::Tensor sin_, int64_t n_heads,
+             double eps_, double scale_)
+      : embed(std::move(embed_)), norm(std::move(norm_)), head(std::move(head_)), cos(std::move(cos_)),
+        sin(std::move(sin_)), H(n_heads), eps(eps_), scale(scale_) {
+    const auto dtype = embed.scalar_type();
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "evolm::DecodePlan: float32 or bfloat16 only, got ",
+                dtype);
+    const size_t n_layers = k_cache.size();
+    TORCH_CHECK(n_layers > 0 && layer_tensors.size() == kPerLayer * n_layers && v_cache.size() == n_layers,
+                "evolm::DecodePlan: ", layer_tensors.size(), " layer tensors (12 per layer) for ", n_layers, " caches");
+    for (const at::Tensor* t : {&embed, &norm, &head, &cos, &sin})
+      TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == dtype,
+                  "evolm::DecodePlan: embed, norm, head and rotary tables must be contiguous CPU ", dtype, " tensors");
+    TORCH_CHECK(embed.dim() == 2, "evolm::DecodePlan: embed must be a (V, C) matrix");
+    C = embed.size(1);
+    TORCH_CHECK(head.dim() == 2 && head.size(1) == C, "evolm::DecodePlan: head must be a (V, ", C, ") matrix");
+    V = head.size(0);
+    TORCH_CHECK(norm.numel() == C, "evolm::DecodePlan: the final norm must have ", C, " values");
+    const at::Tensor& kc0 = k_cache[0];
+    TORCH_CHECK(kc0.dim() == 4 && kc0.size(0) == 1, "evolm::DecodePlan: caches must be (1, K, S, D), got ", kc0.sizes());
+    K = kc0.size(1), S = kc0.size(2), D = kc0.size(3);
+    TORCH_CHECK(H > 0 && H % K == 0, "evolm::DecodePlan: ", K, " key/value heads do not divide ", H, " heads");
+    TORCH_CHECK(cos.dim() == 2 && sin.sizes() == cos.sizes() && cos.size(0) >= S && cos.size(1) <= D &&
+                    cos.size(1) % 2 == 0,
+                "evolm::DecodePlan: rotary tables must be (positions >= ", S, ", R <= ", D, ", R even), got ",
+                cos.sizes());
+    R = cos.size(1);
+    F = layer_tensors[9].dim() == 2 ? layer_tensors[9].size(0) : 0;
+    for (size_t l = 0; l < n_layers; ++l) {
+      const at::Tensor* p = &layer_tensors[kPerLayer * l];
+      const std::vector<int64_t> want[] = {{C}, {H * D, C}, {K * D, C}, {K * D, C}, {}, {}, {}, {C, H * D}, {C},
+                                           {F, C}, {F, C}, {C, F}};
+      for (size_t i = 0; i < kPerLayer; ++i) {
+        TORCH_CHECK(p[i].device().is_cpu() && p[i].is_contiguous(), "evolm::DecodePlan: layer ", l, " tensor ", i,
+                    " must be a contiguous CPU tensor");
+        if (i >= 4 && i <= 6) {  // biases: float32 (n,) or empty
+          const int64_t n = i == 4 ? H * D : K * D;
+          TORCH_CHECK(p[i].numel() == 0 || (p[i].numel() == n && p[i].scalar_type() == at::kFloat),
+                      "evolm::DecodePlan: layer ", l, " tensor ", i, " must be an empty tensor or a float32 bias of ",
+                      n);
+          continue;
+        }
+        TORCH_CHECK(p[i].sizes() == at::IntArrayRef(want[i]) && p[i].scalar_type() == dtype,
+                    "evolm::DecodePlan: layer ", l, " tensor ", i, " must be a ", dtype, " tensor of ",
+                    at::IntArrayRef(want[i]), ", got ", p[i].scalar_type(), " ", p[i].sizes());
       }
-      TORCH_CHECK(p[i].sizes() == at::IntArrayRef(want[i]) && p[i].scalar_type() == dtype && p[i].is_contiguous(),
-                  "evolm::decode_step: layer ", l, " tensor ", i, " must be a contiguous ", dtype, " tensor of ",
-                  at::IntArrayRef(want[i]), ", got ", p[i].scalar_type(), " ", p[i].sizes());
+      for (const at::Tensor* c : {&k_cache[l], &v_cache[l]})
+        TORCH_CHECK(c->sizes() == kc0.sizes() && c->scalar_type() == dtype && c->is_contiguous() && c->device().is_cpu(),
+                    "evolm::DecodePlan: layer ", l, " cache must be a contiguous CPU ", dtype, " tensor of ",
+                    kc0.sizes());
+      layers.push_back({ptr(p[0]), ptr(p[1]), ptr(p[2]), ptr(p[3]), ptr(p[7]), ptr(p[8]), ptr(p[9]), ptr(p[10]),
+                        ptr(p[11]), static_cast<const float*>(ptr(p[4])), static_cast<const float*>(ptr(p[5])),
+                        static_cast<const float*>(ptr(p[6])), k_cache[l].data_ptr(), v_cache[l].data_ptr()});
     }
-    for (const at::Tensor* c : {&k_cache[l], &v_cache[l]})
-      TORCH_CHECK(c->sizes() == kc0.sizes() && c->scalar_type() == dtype && c->is_contiguous(),
-                  "evolm::decode_step: layer ", l, " cache must be a contiguous ", dtype, " tensor of ", kc0.sizes());
-    ls.push_back({ptr(p[0]), ptr(p[1]), ptr(p[2]), ptr(p[3]), ptr(p[7]), ptr(p[8]), ptr(p[9]), ptr(p[10]), ptr(p[11]),
-                  static_cast<const float*>(ptr(p[4])), static_cast<const float*>(ptr(p[5])),
-                  static_cast<const float*>(ptr(p[6])), k_cache[l].data_ptr(), v_cache[l].data_ptr()});
+    tensors = std::move(layer_tensors);
+    tensors.insert(tensors.end(), k_cache.begin(), k_cache.end());
+    tensors.insert(tensors.end(), v_cache.begin(), v_cache.end());
   }
-  at::Tensor logits = at::empty({1, V}, embed.options());
-  at::Tensor next = at::empty({1}, embed.options().dtype(at::kLong));
-  at::Tensor finite = at::empty({1}, embed.options().dtype(at::kBool));
-  if (dtype == at::kFloat)
-    run_step<float>(ls, embed.data_ptr<float>(), norm.data_ptr<float>(), head.data_ptr<float>(), cos.data_ptr<float>(),
-                    sin.data_ptr<float>(), token, pos, C, H, K, D, R, F, V, S, static_cast<float>(eps),
-                    static_cast<float>(scale), logits.data_ptr<float>(), next.data_ptr<int64_t>(),
-                    finite.data_ptr<bool>());
-  else
-    run_step<c10::BFloat16>(ls, embed.data_ptr<c10::BFloat16>(), norm.data_ptr<c10::BFloat16>(),
-                            head.data_ptr<c10::BFloat16>(), cos.data_ptr<c10::BFloat16>(),
-                            sin.data_ptr<c10::BFloat16>(), token, pos, C, H, K, D, R, F, V, S, static_cast<float>(eps),
-                            static_cast<float>(scale), logits.data_ptr<c10::BFloat16>(), next.data_ptr<int64_t>(),
-                            finite.data_ptr<bool>());
-  return {logits, next, finite};
-}
+
+  // Feed `token` at cache slot `pos`: (logits (1, V) in the model's dtype, argmax (1,), all finite (1,)).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> step(int64_t token, int64_t pos) {
+    TORCH_CHECK(token >= 0 && token < embed.size(0), "evolm::DecodePlan: token ", token, " outside 0..",
+                embed.size(0) - 1);
+    TORCH_CHECK(pos >= 0 && pos < S, "evolm::DecodePlan: position ", pos, " outside the cache's ", S, " slots");
+    at::Tensor logits = at::empty({1, V}, embed.options());
+    at::Tensor next = at::empty({1}, embed.options().dtype(at::kLong));
+    at::Tensor finite = at::empty({1}, embed.options().dtype(at::kBool));
+    if (embed.scalar_type() == at::kFloat)
+      run_step<float>(layers, embed.data_ptr<float>(), norm.data_ptr<float>(), head.data_ptr<float>(),
+                      cos.data_ptr<float>(), sin.data_ptr<float>(), token, pos, C, H, K, D, R, F, V, S,
+                      static_cast<float>(eps), static_cast<float>(scale), logits.data_ptr<float>(),
+                      next.data_ptr<int64_t>(), finite.data_ptr<bool>());
+    else
+      run_step<c10::BFloat16>(layers, embed.data_ptr<c10::BFloat16>(), norm.data_ptr<c10::BFloat16>(),
+                              head.data_ptr<c10::BFloat16>(), cos.data_ptr<c10::BFloat16>(),
+                              sin.data_ptr<c10::BFloat16>(), token, pos, C, H, K, D, R, F, V, S,
+                              static_cast<float>(eps), static_cast<float>(scale), logits.data_ptr<c10::BFloat16>(),
+                              next.data_ptr<int64_t>(), finite.data_ptr<bool>());
+    return {logits, next, finite};
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(evolm_kernels, m) {
-  m.def(
-      "decode_step(Tensor[] layers, Tensor[] k_cache, Tensor[] v_cache, Tensor embed, Tensor norm, Tensor head, "
-      "Tensor cos, Tensor sin, int token, int pos, int n_heads, float eps, float scale) -> (Tensor, Tensor, Tensor)");
+  m.class_<DecodePlan>("DecodePlan")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,
+                       at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, double, double>())
+      .def("step", &DecodePlan::step);
 }
-TORCH_LIBRARY_IMPL(evolm_kernels, CPU, m) { m.impl("decode_step", decode_step_cpu); }
-
