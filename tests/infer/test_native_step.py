@@ -20,24 +20,63 @@ pytestmark = pytest.mark.skipif(not decode_kernels.available(), reason="needs th
 V = 97
 CONFIGS = {
     # grouped-query attention, untied head
-    "gqa": lambda: T.LlamaConfig(vocab_size=V, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                 intermediate_size=96, num_hidden_layers=2, max_position_embeddings=64),
+    "gqa": lambda: T.LlamaConfig(
+        vocab_size=V,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+    ),
     # widths that are not multiples of 16 (masked tails everywhere), multi-head attention
-    "mha-odd": lambda: T.LlamaConfig(vocab_size=V, hidden_size=72, num_attention_heads=3, num_key_value_heads=3,
-                                     intermediate_size=100, num_hidden_layers=2, max_position_embeddings=64),
+    "mha-odd": lambda: T.LlamaConfig(
+        vocab_size=V,
+        hidden_size=72,
+        num_attention_heads=3,
+        num_key_value_heads=3,
+        intermediate_size=100,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+    ),
     # one key/value head: fewer than the threads
     "mqa-tied-llama3": lambda: T.LlamaConfig(
-        vocab_size=V, hidden_size=64, num_attention_heads=4, num_key_value_heads=1, intermediate_size=96,
-        num_hidden_layers=2, max_position_embeddings=64, tie_word_embeddings=True,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 16},
+        vocab_size=V,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
     ),
     # q/k/v biases
-    "qwen2": lambda: T.Qwen2Config(vocab_size=V, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                   intermediate_size=96, num_hidden_layers=2, max_position_embeddings=64),
-    "mistral": lambda: T.MistralConfig(vocab_size=V, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                       intermediate_size=96, num_hidden_layers=2, max_position_embeddings=64,
-                                       sliding_window=None),
+    "qwen2": lambda: T.Qwen2Config(
+        vocab_size=V,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+    ),
+    "mistral": lambda: T.MistralConfig(
+        vocab_size=V,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+        sliding_window=None,
+    ),
 }
 
 
@@ -146,9 +185,18 @@ def test_what_it_does_not_cover_keeps_the_module_path(checkpoints, tmp_path):
         apply_lora(lora, LoRAConfig(rank=4, targets=("q_proj", "v_proj")))
         assert "replaced" in unsupported(lora, lora.new_cache(1, 32))
 
-    hf = build_hf(T.MistralConfig(vocab_size=V, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                  intermediate_size=96, num_hidden_layers=2, max_position_embeddings=64,
-                                  sliding_window=5))
+    hf = build_hf(
+        T.MistralConfig(
+            vocab_size=V,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            max_position_embeddings=64,
+            sliding_window=5,
+        )
+    )
     hf.save_pretrained(tmp_path / "window")
     windowed = evolm.load_model(tmp_path / "window")
     with torch.no_grad():

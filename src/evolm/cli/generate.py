@@ -41,7 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="decode through torch.compile over a static cache: tens of seconds to compile, then faster steps",
+        help="decode through torch.compile over a static cache (tens of seconds to compile, then faster steps) "
+        "where the native CPU decode step does not apply (it does for Llama-style models at batch 1)",
     )
     p.set_defaults(run=run_generate)
 

@@ -152,7 +152,6 @@ def check_inputs(
         )
 
 
-@torch.inference_mode()
 def generate_stream(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -176,6 +175,49 @@ def generate_stream(
     Rows that have finished (EOS or a stop string) keep yielding their EOS id (or 0 without one).
     The iteration ends when every row has finished or ``max_new_tokens`` were produced.
     """
+    yield from _steps(
+        model,
+        input_ids,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        repetition_penalty,
+        attention_mask,
+        eos_token_id,
+        seed,
+        stop_strings,
+        tokenizer,
+        cache,
+        compile,
+        native,
+        burst=False,
+    )
+
+
+@torch.inference_mode()
+def _steps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    min_p: float | None,
+    repetition_penalty: float,
+    attention_mask: torch.Tensor | None,
+    eos_token_id: int | Sequence[int] | None,
+    seed: int | None,
+    stop_strings: Sequence[str] | None,
+    tokenizer,
+    cache: list | None,
+    compile: bool,
+    native: bool,
+    burst: bool,
+) -> Iterator[torch.Tensor]:
+    """``generate_stream``'s steps. ``burst``: the caller takes every token at the end (``generate``), so
+    greedy native decoding without stop strings may run all its steps in one call."""
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
     _validate(model, input_ids, max_new_tokens, attention_mask)
     if stop_strings and tokenizer is None:
@@ -232,6 +274,15 @@ def generate_stream(
 
     token = choose(prefill(model, input_ids, cache, mask, positions))
     next_pos = positions[:, -1:] + 1  # (B, 1)
+    if burst and one_call is not None and greedy and not stop_strings:
+        yield token
+        if max_new_tokens == 1 or int(token[0]) in eos:
+            return
+        tokens, nonfinite = one_call.greedy(int(token[0]), int(next_pos[0, 0]), max_new_tokens - 1, eos)
+        yield from tokens.view(-1, 1)
+        if nonfinite:
+            raise nonfinite_logits_error(torch.zeros(1, dtype=torch.bool))
+        return
     for step in range(max_new_tokens):
         token = torch.where(finished, torch.full_like(token, fill), token)
         yield token
@@ -316,7 +367,7 @@ def generate(
         (B, T + n) LongTensor, n <= max_new_tokens the steps run; finished rows are filled with EOS.
     """
     steps = list(
-        generate_stream(
+        _steps(
             model,
             input_ids,
             max_new_tokens,
@@ -333,6 +384,7 @@ def generate(
             cache=cache,
             compile=compile,
             native=native,
+            burst=True,
         )
     )
     new = torch.stack(steps, dim=1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)

@@ -59,17 +59,25 @@ def unsupported(model: nn.Module, cache: list) -> str | None:
         (cfg.norm.kind == "rmsnorm" and not cfg.norm.unit_offset, "the norm is not a plain RMSNorm"),
         (not isinstance(a, MLAConfig), "latent attention"),
         (getattr(a, "position", None) == "rope", "positions are not rotary"),
-        (a.rope is None or a.rope.scaling is None or a.rope.scaling.kind not in _LENGTH_DEPENDENT_ROPE,
-         "a length-dependent rotary scaling"),
-        (a.qk_norm is None and a.clip_qkv is None and a.softcap is None and not a.out_bias,
-         "QK-norm, clipping, a score soft-cap or an output bias"),
+        (
+            a.rope is None or a.rope.scaling is None or a.rope.scaling.kind not in _LENGTH_DEPENDENT_ROPE,
+            "a length-dependent rotary scaling",
+        ),
+        (
+            a.qk_norm is None and a.clip_qkv is None and a.softcap is None and not a.out_bias,
+            "QK-norm, clipping, a score soft-cap or an output bias",
+        ),
         (cfg.mlp.gated and cfg.mlp.activation == "silu" and not cfg.mlp.bias, "the MLP is not SwiGLU without biases"),
         (cfg.moe is None, "mixture-of-experts layers"),
         (all(cfg.window(i) is None for i in range(cfg.n_layers)), "sliding-window layers"),
-        (cfg.absolute_positions == "none" and not cfg.embedding_norm and cfg.embedding_scale is None,
-         "absolute positions, an embedding norm or an embedding scale"),
-        (cfg.final_norm and cfg.final_softcap is None and not cfg.lm_head_bias,
-         "no final norm, a logit soft-cap or a head bias"),
+        (
+            cfg.absolute_positions == "none" and not cfg.embedding_norm and cfg.embedding_scale is None,
+            "absolute positions, an embedding norm or an embedding scale",
+        ),
+        (
+            cfg.final_norm and cfg.final_softcap is None and not cfg.lm_head_bias,
+            "no final norm, a logit soft-cap or a head bias",
+        ),
     ]
     for ok, reason in checks:
         if not ok:
@@ -131,13 +139,21 @@ class NativeStep:
         layers: list[torch.Tensor] = []
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            biases = [p.bias.detach().float().contiguous() if p.bias is not None else none
-                      for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+            biases = [
+                p.bias.detach().float().contiguous() if p.bias is not None else none
+                for p in (attn.q_proj, attn.k_proj, attn.v_proj)
+            ]
             layers += [
                 layer.input_layernorm.weight,
-                attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, *biases, attn.o_proj.weight,
+                attn.q_proj.weight,
+                attn.k_proj.weight,
+                attn.v_proj.weight,
+                *biases,
+                attn.o_proj.weight,
                 layer.post_attention_layernorm.weight,
-                mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+                mlp.gate_proj.weight,
+                mlp.up_proj.weight,
+                mlp.down_proj.weight,
             ]
         embed = model.model.embed_tokens.weight.detach().contiguous()
         cos, sin = rope_cos_sin(a.rope, torch.arange(cache[0].max_len)[None], dtype=embed.dtype)
@@ -170,6 +186,24 @@ class NativeStep:
         for c in self.cache:
             c.length = length + 1
         return out
+
+    def greedy(self, token: int, pos: int, n: int, eos: list[int]) -> tuple[torch.Tensor, bool]:
+        """Up to ``n`` greedy steps from ``token`` at ``pos`` in one native call (no Python between steps,
+        whose code and data each step's weight stream evicts from the caches: ~0.1 ms a step here).
+        Returns the tokens chosen, (m,), stopping after one in ``eos``, and True if it stopped before a
+        step whose logits were not all finite. The cache grows by the steps run."""
+        length = self.cache[0].length
+        if pos != length:
+            raise ValueError(f"native decode step at position {pos}, but the cache holds {length} tokens")
+        if length + n > self.cache[0].max_len:
+            raise ValueError(
+                f"KV cache overflow: {length} cached + {n} new tokens > max_len={self.cache[0].max_len}; "
+                "allocate the cache with a larger max_len"
+            )
+        tokens, nonfinite = self.plan.greedy(token, pos, n, eos)
+        for c in self.cache:
+            c.length = length + tokens.shape[0] + int(nonfinite)
+        return tokens, nonfinite
 
 
 def native_step(model: nn.Module, cache: list) -> NativeStep | None:

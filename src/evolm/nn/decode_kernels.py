@@ -107,9 +107,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> tor
     return torch.ops.evolm_kernels.gemv(x, w, b)
 
 
-def gemv_group(
-    x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor | None]
-) -> list[torch.Tensor]:
+def gemv_group(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor | None]) -> list[torch.Tensor]:
     """``[x w^T + b for w, b in zip(ws, bs)]`` in one call: weights of one in-features, as ``gemv``.
 
     The rows of all weights are split across threads as one range, so the products of one input
