@@ -9,7 +9,7 @@ import torch
 import transformers as T
 
 import evolm
-from evolm.infer.generate import decode_one_token, generate, prefill
+from evolm.infer.generate import decode_one_token, generate, generate_stream, prefill
 from evolm.infer.native_step import native_step, unsupported
 from evolm.nn import decode_kernels
 from evolm.nn.lora import LoRAConfig, apply_lora
@@ -217,4 +217,21 @@ def test_a_step_out_of_place_is_refused(checkpoints):
     step(3, 9)
     with pytest.raises(ValueError, match="overflow: 10 cached"):
         step(3, 10)
+    with pytest.raises(ValueError, match="overflow: 10 cached \\+ 2 new tokens"):
+        step.greedy(3, 10, 2, [])
     assert cache[0].length == 10
+
+
+def test_one_call_greedy_decoding_stops_like_the_stream(checkpoints):
+    """generate() runs greedy native steps in one call (DecodePlan.greedy); it stops at an EOS id as
+    generate_stream's step-by-step path and the module path do."""
+    model = evolm.load_model(checkpoints["gqa"][1])
+    ids = _prompt(seed=9)
+    free = generate(model, ids, 16, native=False)[0, ids.shape[1] :].tolist()
+    eos = free[5]  # a token the model produces at step 6 (or earlier, if it repeats)
+    stop = free.index(eos) + 1
+    out = generate(model, ids, 16, eos_token_id=eos)
+    assert out[0, ids.shape[1] :].tolist() == free[:stop]
+    streamed = torch.stack(list(generate_stream(model, ids, 16, eos_token_id=eos)), dim=1)
+    assert torch.equal(streamed, out[:, ids.shape[1] :])
+    assert torch.equal(generate(model, ids, 16, eos_token_id=eos, native=False), out)
