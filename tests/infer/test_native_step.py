@@ -235,3 +235,56 @@ def test_one_call_greedy_decoding_stops_like_the_stream(checkpoints):
     streamed = torch.stack(list(generate_stream(model, ids, 16, eos_token_id=eos)), dim=1)
     assert torch.equal(streamed, out[:, ids.shape[1] :])
     assert torch.equal(generate(model, ids, 16, eos_token_id=eos, native=False), out)
+
+
+def test_unsupported_names_every_other_family(tmp_path):
+    """Families outside the covered shape get a reason (and so the module path), never an exception."""
+    configs = {
+        "latent": T.DeepseekV3Config(
+            vocab_size=V,
+            hidden_size=64,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+            max_position_embeddings=64,
+        ),
+        "unit_offset": T.GemmaConfig(
+            vocab_size=V,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            head_dim=16,
+        ),
+        "qk_norm": T.Qwen3Config(
+            vocab_size=V,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            head_dim=16,
+        ),
+        "learned_positions": T.GPT2Config(
+            vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=None, eos_token_id=None
+        ),
+    }
+    for name, cfg in configs.items():
+        build_hf(cfg).save_pretrained(tmp_path / name)
+        model = evolm.load_model(tmp_path / name)
+        with torch.no_grad():
+            reason = unsupported(model, model.new_cache(1, 16))
+        assert isinstance(reason, str) and reason, name

@@ -30,11 +30,10 @@ from evolm.models.decoder import CausalLM
 from evolm.nn import decode_kernels
 from evolm.nn.kv_cache import KVCache, StaticKVCache
 from evolm.nn.linear import Linear
-from evolm.nn.mla import MLAConfig
 from evolm.nn.mlp import GatedMLP
 from evolm.nn.norm import RMSNorm
 from evolm.nn.rope import rope_cos_sin
-from evolm.nn.self_attention import SelfAttention
+from evolm.nn.self_attention import AttentionConfig, SelfAttention
 
 _DTYPES = (torch.float32, torch.bfloat16)
 _PLAIN = (torch.Tensor, nn.Parameter)
@@ -54,11 +53,12 @@ def unsupported(model: nn.Module, cache: list) -> str | None:
         return f"{type(model).__name__} is not a plain CausalLM"
     cfg = model.cfg
     a = cfg.attention
+    if not isinstance(a, AttentionConfig):
+        return f"{type(a).__name__} attention (latent attention: MLAConfig)"
     checks = [
         (cfg.residual == "pre", f"residual={cfg.residual!r} (pre-norm only)"),
         (cfg.norm.kind == "rmsnorm" and not cfg.norm.unit_offset, "the norm is not a plain RMSNorm"),
-        (not isinstance(a, MLAConfig), "latent attention"),
-        (getattr(a, "position", None) == "rope", "positions are not rotary"),
+        (a.position == "rope", "positions are not rotary"),
         (
             a.rope is None or a.rope.scaling is None or a.rope.scaling.kind not in _LENGTH_DEPENDENT_ROPE,
             "a length-dependent rotary scaling",

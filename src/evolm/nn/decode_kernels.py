@@ -20,10 +20,14 @@ memory once and from L1/L2 for the other heads of the group, with scores and sum
 Without it a compiled bf16 step calls SDPA on float32 copies of every layer's cache, and Inductor,
 given the product written out, recomputes the query's rotary embedding for every cached key.
 
-The C++ source is built on first use with ``torch.utils.cpp_extension`` (the compiler Inductor
-already needs; ~7 s once here, then cached under ``$TORCH_EXTENSIONS_DIR``) and registers the
-operators ``torch.ops.evolm_kernels.gemv`` and ``.decode_attention`` for CPU and Meta tensors, so a
-compiled graph calls each as one opaque op. Only CPUs with AVX-512F, AVX-512BW and AVX512_BF16
+``kernels/decode_step.cpp`` adds ``torch.classes.evolm_kernels.DecodePlan``: a whole decode step of a
+pre-norm Llama-style decoder at batch 1 in one call (driven by ``evolm.infer.native_step``).
+
+The C++ sources are built on first use with ``torch.utils.cpp_extension`` (the compiler Inductor
+already needs; ~10 s once here, then cached under ``$TORCH_EXTENSIONS_DIR``, under a name that hashes
+the sources and ``kernels/simd.h``) and register the operators ``torch.ops.evolm_kernels.gemv``,
+``.gemv_group`` and ``.decode_attention`` for CPU and Meta tensors, so a compiled graph calls each as
+one opaque op. Only CPUs with AVX-512F, AVX-512BW and AVX512_BF16
 (Intel Cooper Lake and later, AMD Zen 4 and later) run them; elsewhere, or when no compiler is
 found, ``available()`` is False and callers keep Inductor's ``_gemv`` loop and SDPA.
 """
