@@ -18,65 +18,35 @@ from helpers.hf_parity import build_hf, relative_error
 pytestmark = pytest.mark.skipif(not decode_kernels.available(), reason="needs the AVX-512 decode kernels")
 
 V = 97
+# 2 layers, width 64, 4 query heads over 2 key/value heads
+SMALL = dict(
+    vocab_size=V,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    max_position_embeddings=64,
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 CONFIGS = {
-    # grouped-query attention, untied head
-    "gqa": lambda: T.LlamaConfig(
-        vocab_size=V,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        max_position_embeddings=64,
-    ),
+    "gqa": lambda: T.LlamaConfig(**SMALL),  # grouped-query attention, untied head
     # widths that are not multiples of 16 (masked tails everywhere), multi-head attention
     "mha-odd": lambda: T.LlamaConfig(
-        vocab_size=V,
-        hidden_size=72,
-        num_attention_heads=3,
-        num_key_value_heads=3,
-        intermediate_size=100,
-        num_hidden_layers=2,
-        max_position_embeddings=64,
+        **{**SMALL, "hidden_size": 72, "num_attention_heads": 3, "num_key_value_heads": 3, "intermediate_size": 100}
     ),
     # one key/value head: fewer than the threads
     "mqa-tied-llama3": lambda: T.LlamaConfig(
-        vocab_size=V,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16,
-        },
+        **{**SMALL, "num_key_value_heads": 1}, tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE
     ),
-    # q/k/v biases
-    "qwen2": lambda: T.Qwen2Config(
-        vocab_size=V,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        max_position_embeddings=64,
-    ),
-    "mistral": lambda: T.MistralConfig(
-        vocab_size=V,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        max_position_embeddings=64,
-        sliding_window=None,
-    ),
+    "qwen2": lambda: T.Qwen2Config(**SMALL),  # q/k/v biases
+    "mistral": lambda: T.MistralConfig(**SMALL, sliding_window=None),
 }
 
 
@@ -185,18 +155,7 @@ def test_what_it_does_not_cover_keeps_the_module_path(checkpoints, tmp_path):
         apply_lora(lora, LoRAConfig(rank=4, targets=("q_proj", "v_proj")))
         assert "replaced" in unsupported(lora, lora.new_cache(1, 32))
 
-    hf = build_hf(
-        T.MistralConfig(
-            vocab_size=V,
-            hidden_size=64,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            max_position_embeddings=64,
-            sliding_window=5,
-        )
-    )
+    hf = build_hf(T.MistralConfig(**SMALL, sliding_window=5))
     hf.save_pretrained(tmp_path / "window")
     windowed = evolm.load_model(tmp_path / "window")
     with torch.no_grad():
@@ -260,24 +219,8 @@ def test_unsupported_names_every_other_family(tmp_path):
             v_head_dim=16,
             max_position_embeddings=64,
         ),
-        "unit_offset": T.GemmaConfig(
-            vocab_size=V,
-            hidden_size=64,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            head_dim=16,
-        ),
-        "qk_norm": T.Qwen3Config(
-            vocab_size=V,
-            hidden_size=64,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            head_dim=16,
-        ),
+        "unit_offset": T.GemmaConfig(**SMALL, head_dim=16),
+        "qk_norm": T.Qwen3Config(**SMALL, head_dim=16),
         "learned_positions": T.GPT2Config(
             vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=None, eos_token_id=None
         ),
