@@ -4,6 +4,10 @@ the module path and ``unsupported`` says why."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import transformers as T
@@ -138,6 +142,33 @@ def test_any_thread_count(checkpoints, threads):
         assert torch.equal(generate(model, ids, 12), ref)
     finally:
         torch.set_num_threads(before)
+
+
+_SMALLER_TEAM = """
+import sys, torch, evolm
+from evolm.infer.generate import decode_one_token
+from evolm.infer.native_step import native_step
+from evolm.nn import decode_kernels
+assert decode_kernels.available()
+torch.set_num_threads(2)
+model = evolm.load_model(sys.argv[1])
+with torch.inference_mode():
+    ref_cache, cache = model.new_cache(1, 8), model.new_cache(1, 8)
+    ref = decode_one_token(model, torch.tensor([[3]]), ref_cache, None, torch.tensor([[0]]))
+    logits, best, finite = native_step(model, cache)(3, 0)
+assert bool(finite[0]) and int(best) == int(ref.argmax()), (bool(finite[0]), int(best), int(ref.argmax()))
+assert ((logits - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+"""
+
+
+def test_a_smaller_thread_team_than_asked(checkpoints):
+    """OpenMP may give the step's region fewer threads than torch.get_num_threads() (a nested region,
+    OMP_THREAD_LIMIT): the step combines the threads it got, not the ones it asked for."""
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", _SMALLER_TEAM, str(checkpoints["gqa"][1])], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_what_it_does_not_cover_keeps_the_module_path(checkpoints, tmp_path):

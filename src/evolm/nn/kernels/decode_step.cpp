@@ -64,7 +64,7 @@ constexpr int64_t kWaitPrefetch = 64 * 1024;
 // Pauses (~30-40 ns each) a waiting thread spins before it starts yielding its core.
 constexpr int64_t kSpinsBeforeYield = 20000;
 
-// A sense-reversing spin barrier for the threads of one parallel region. While it waits, a thread
+// A spin barrier (a count and a generation number) for the threads of one parallel region. While it waits, a thread
 // prefetches the next region it will stream (`Prefetcher`), so waiting keeps memory busy.
 struct alignas(64) Barrier {
   std::atomic<int> count{0};
@@ -73,13 +73,10 @@ struct alignas(64) Barrier {
 };
 
 struct Prefetcher {
-  const char* begin = nullptr;
   const char* p = nullptr;
   const char* end = nullptr;
-  int64_t bytes = 0;
   void next(const void* start, int64_t n) {
-    begin = p = static_cast<const char*>(start);
-    bytes = n;
+    p = static_cast<const char*>(start);
     end = p + std::min(n, kWaitPrefetch);
   }
   bool pump() {
@@ -214,11 +211,13 @@ void run_step(const std::vector<Layer>& layers, const T* embed, const T* norm, c
   std::vector<float> best(nt);
   std::vector<int64_t> arg(nt);
   std::vector<char> ok(nt);
+  int team = 1;  // threads OpenMP gave the region: fewer than nt when nested or under OMP_THREAD_LIMIT
   Barrier bar;
 
 #pragma omp parallel num_threads(nt)
   {
     const int t = omp_get_thread_num(), n = omp_get_num_threads();
+    if (t == 0) team = n;
     std::vector<T> h(std::max(C, F));
     std::vector<float> scores(pos + 1);
     Prefetcher pf;
@@ -309,7 +308,7 @@ void run_step(const std::vector<Layer>& layers, const T* embed, const T* norm, c
   *next = arg[0];
   *finite = true;
   float m = best[0];
-  for (int i = 0; i < nt; ++i) {
+  for (int i = 0; i < team; ++i) {
     *finite = *finite && ok[i];
     if (best[i] > m) {
       m = best[i];
