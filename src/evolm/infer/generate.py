@@ -303,19 +303,18 @@ def _steps(
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         if one_call is not None:
             logits, best, finite = one_call(int(token[0]), int(next_pos[0, 0]))
-            if greedy and not bool(finite[0]):
+            if greedy and not bool(finite.all()):
                 raise nonfinite_logits_error(finite)
             token = best if greedy else choose(logits)
-            next_pos = next_pos + 1
-            continue
-        skip_guards = compile and step >= _FULL_GUARD_STEPS
-        with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if skip_guards else contextlib.nullcontext():
-            if greedy_step is not None:
-                token, finite = greedy_step(model, token[:, None], cache, mask, next_pos)
-                if not bool(finite.all()):
-                    raise nonfinite_logits_error(finite)
-            else:
-                token = choose(decode(model, token[:, None], cache, mask, next_pos))
+        else:
+            skip_guards = compile and step >= _FULL_GUARD_STEPS
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if skip_guards else contextlib.nullcontext():
+                if greedy_step is not None:
+                    token, finite = greedy_step(model, token[:, None], cache, mask, next_pos)
+                    if not bool(finite.all()):
+                        raise nonfinite_logits_error(finite)
+                else:
+                    token = choose(decode(model, token[:, None], cache, mask, next_pos))
         next_pos = next_pos + 1
 
 

@@ -174,17 +174,10 @@ class NativeStep:
     def __call__(self, token: int, pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Feed ``token`` at position ``pos`` (the cache's length): logits (1, V) in the model's dtype,
         their argmax (1,) and whether they are all finite (1,). The cache grows by one token."""
-        length = self.cache[0].length
-        if pos != length:
-            raise ValueError(f"native decode step at position {pos}, but the cache holds {length} tokens")
-        if length >= self.cache[0].max_len:
-            raise ValueError(
-                f"KV cache overflow: {length} cached + 1 new token > max_len={self.cache[0].max_len}; "
-                "allocate the cache with a larger max_len"
-            )
+        self._reserve(pos, 1)
         out = self.plan.step(token, pos)
         for c in self.cache:
-            c.length = length + 1
+            c.length = pos + 1
         return out
 
     def greedy(self, token: int, pos: int, n: int, eos: list[int]) -> tuple[torch.Tensor, bool]:
@@ -192,18 +185,17 @@ class NativeStep:
         whose code and data each step's weight stream evicts from the caches: ~0.1 ms a step here).
         Returns the tokens chosen, (m,), stopping after one in ``eos``, and True if it stopped before a
         step whose logits were not all finite. The cache grows by the steps run."""
-        length = self.cache[0].length
-        if pos != length:
-            raise ValueError(f"native decode step at position {pos}, but the cache holds {length} tokens")
-        if length + n > self.cache[0].max_len:
-            raise ValueError(
-                f"KV cache overflow: {length} cached + {n} new tokens > max_len={self.cache[0].max_len}; "
-                "allocate the cache with a larger max_len"
-            )
+        self._reserve(pos, n)
         tokens, nonfinite = self.plan.greedy(token, pos, n, eos)
         for c in self.cache:
-            c.length = length + tokens.shape[0] + int(nonfinite)
+            c.length = pos + tokens.shape[0] + int(nonfinite)
         return tokens, nonfinite
+
+    def _reserve(self, pos: int, n: int) -> None:
+        """Raise (cache unchanged) unless ``n`` tokens fed from ``pos`` continue the cache and fit in it."""
+        if pos != self.cache[0].length:
+            raise ValueError(f"native decode step at position {pos}, but the cache holds {self.cache[0].length} tokens")
+        self.cache[0]._reserve(n, "KV cache")  # every layer's cache has the same slots
 
 
 def native_step(model: nn.Module, cache: list) -> NativeStep | None:
