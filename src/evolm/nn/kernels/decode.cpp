@@ -121,8 +121,6 @@ at::Tensor gemv_cpu(const at::Tensor& x, const at::Tensor& w, const std::optiona
   return gemv_group_cpu(x, {w}, bs)[0];
 }
 
-
-
 template <typename T>
 void attend_one_query(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* allowed,
                       int64_t allowed_batch_stride, float scale, at::Tensor& out) {
